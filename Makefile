@@ -1,0 +1,49 @@
+# make test  : set up a fresh machine, build the extension (CUDA sources compiled too when
+#              nvcc is found, as a compile check on machines without a GPU), build the CMake
+#              twin, run the tests.
+# make bench : the same set-up, then the benchmarks on the best device present.
+PYTHON ?= python3
+VENV ?= .venv
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+
+# Use the torch already importable where there is one (a GPU machine); otherwise a venv
+# with the pinned CUDA build of torch (pip takes it from local disk here).
+ifeq ($(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes),yes)
+PY := $(PYTHON)
+SETUP_DEPS :=
+else
+PY := $(abspath $(VENV))/bin/python
+SETUP_DEPS := $(VENV)/.ready
+endif
+ifneq ($(wildcard $(CUDA_HOME)/bin/nvcc),)
+export FORCE_CUDA := 1
+endif
+
+.PHONY: setup build cmake test bench clean
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm ninja pytest numpy
+	touch $@
+
+setup: $(SETUP_DEPS)
+	@$(PY) -c "import timm, pytest, ninja" 2>/dev/null || $(PY) -m pip install -q timm ninja pytest
+
+build: setup
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+cmake: setup
+	cmake -S . -B build-cmake -G Ninja -DPython_EXECUTABLE=$(PY) -DSPARSE_OPS_CUDA=$(if $(FORCE_CUDA),ON,OFF)
+	cmake --build build-cmake
+
+test: build cmake
+	SPARSE_OPS_REQUIRE_EXT=1 SPARSE_OPS_REQUIRE_CUDA=$(FORCE_CUDA) \
+	SPARSE_OPS_CMAKE_LIB=$(abspath build-cmake/_C.so) $(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build build-cmake dist *.egg-info sparse_ops/*.so

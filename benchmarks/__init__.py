@@ -1,0 +1,1 @@
+"""Benchmarks of sparse_ops: ``python -m benchmarks`` (or ``make bench``)."""

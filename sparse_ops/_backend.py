@@ -1,0 +1,88 @@
+"""Loads the compiled extension and decides, per op and device, which implementation runs.
+
+Importing sparse_ops never fails because sparse_ops._C is missing (or was built without
+CUDA): those ops fall back to the plain-PyTorch reference, and that is said once, at import.
+Set SPARSE_OPS_BACKEND=reference to force the fallback (for debugging and tests).
+"""
+import logging
+import os
+import warnings
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("sparse_ops")
+
+# Ops with C++/CUDA kernels (schemas in csrc/ops.cpp).
+COMPILED_OPS = ("gather_rows", "scatter_rows", "scatter_add_rows", "window_rows", "window_scores")
+# Public ops made of the ops above and of stock torch ops: they run wherever torch does.
+COMPOSITE_OPS = (
+    "gather_tokens", "scatter_tokens", "package_tokens", "select_tokens",
+    "select_windows", "gather_windows", "scatter_windows",
+)
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _load_extension():
+    if os.environ.get("SPARSE_OPS_BACKEND") == "reference":
+        return None, "SPARSE_OPS_BACKEND=reference"
+    try:
+        from . import _C  # noqa: F401  (loading it registers the ops)
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+    return _C, None
+
+
+extension, load_error = _load_extension()
+
+# (op, device type) -> True where a compiled kernel is registered. Computed once, so that
+# dispatching is a dict look-up that torch.compile can trace.
+_compiled = {
+    (name, device): extension is not None
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparse_ops::{name}", key)
+    for name in COMPILED_OPS
+    for device, key in _DISPATCH_KEYS.items()
+}
+
+
+def has_kernel(name: str, device_type: str) -> bool:
+    return _compiled.get((name, device_type), False)
+
+
+def kernel(name: str, device_type: str):
+    """The implementation of a compiled op for tensors on device_type."""
+    if has_kernel(name, device_type):
+        return getattr(torch.ops.sparse_ops, name).default
+    return getattr(reference, name)
+
+
+def backends() -> dict:
+    """Which implementation each public op uses, per device type: 'C++' or 'CUDA' for the
+    compiled kernels, 'reference' for the plain-PyTorch fallback, 'torch' for ops built
+    from other sparse_ops ops and stock torch ops."""
+    table = {
+        name: {device: (key if device == "cuda" else "C++") if has_kernel(name, device) else "reference"
+               for device, key in _DISPATCH_KEYS.items()}
+        for name in COMPILED_OPS
+    }
+    table.update({name: {device: "torch" for device in _DISPATCH_KEYS} for name in COMPOSITE_OPS})
+    return table
+
+
+def _announce():
+    summary = ", ".join(f"{n}: cpu={b['cpu']} cuda={b['cuda']}" for n, b in backends().items() if n in COMPILED_OPS)
+    log.info("sparse_ops backends: %s", summary)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    missing = sorted({d for d in devices for n in COMPILED_OPS if not has_kernel(n, d)})
+    if missing:
+        reason = load_error or "the extension was built without kernels for this device"
+        warnings.warn(
+            f"sparse_ops: compiled kernels unavailable on {', '.join(missing)} ({reason}); those ops run the "
+            "plain-PyTorch reference (slow but correct). sparse_ops.backends() shows each op's backend.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_announce()

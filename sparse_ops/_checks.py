@@ -1,0 +1,93 @@
+"""Input checks at the Python boundary: a bad argument raises a TypeError (wrong type or
+dtype) or ValueError (wrong shape, size, device or value) that names it.
+
+Index values are checked too (one small reduction, which synchronises on CUDA). Inside
+``no_index_checks()`` and under torch.compile those value checks are skipped; the kernels
+still never read or write out of bounds (a CPU kernel raises, a CUDA kernel asserts).
+"""
+import contextlib
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_index_checks = True
+
+
+@contextlib.contextmanager
+def no_index_checks():
+    """Skip the value checks of indices (window ids, rows, token indices), e.g. in a model
+    whose indices come from select_tokens / select_windows, to avoid host syncs."""
+    global _index_checks
+    previous, _index_checks = _index_checks, False
+    try:
+        yield
+    finally:
+        _index_checks = previous
+
+
+def checking_values() -> bool:
+    return _index_checks and not torch.compiler.is_compiling()
+
+
+def tensor(value, name: str, ndim: int, what: str, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    """Checks that value is a tensor of rank ndim (described by `what`, e.g. '[B, N, C]')
+    with a dtype in dtypes."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor {what}, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {what}, got shape {list(value.shape)}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {value.dtype}")
+    return value
+
+
+def index(value, name: str, ndim: int, what: str) -> torch.Tensor:
+    return tensor(value, name, ndim, what, dtypes=(torch.int64,))
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    (first, t0), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {t0.device}")
+
+
+def integer(value, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def rate(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def in_range(values: torch.Tensor, name: str, low: int, high: int) -> None:
+    """Every entry of values in [low, high)."""
+    if checking_values() and values.numel():
+        lo, hi = (int(v) for v in torch.aminmax(values))
+        if lo < low or hi >= high:
+            raise ValueError(f"{name} has entries outside [{low}, {high}): min {lo}, max {hi}")
+
+
+def unique_rows(rows: torch.Tensor, name: str) -> None:
+    """No target row (other than the padding row -1) appears twice."""
+    if checking_values() and rows.numel():
+        real = rows[rows >= 0]
+        if torch.unique(real).numel() != real.numel():
+            raise ValueError(f"{name} repeats a row: rows that are written must be unique")
+
+
+def unique_windows(windows: torch.Tensor, name: str) -> None:
+    """No window id appears twice in one image."""
+    if checking_values() and windows.shape[1] > 1:
+        ids = windows.sort(dim=1).values
+        if bool((ids[:, 1:] == ids[:, :-1]).any()):
+            raise ValueError(f"{name} repeats a window id within an image: written windows must be unique")

@@ -1,0 +1,148 @@
+"""Plain-PyTorch version of every op: the ground truth for the tests, and the fallback
+when the compiled extension (or its CUDA part) is missing.
+
+Window ops follow timm's SwinTransformerBlock literally: roll by -shift, zero-pad to
+window multiples, window_partition, then pick windows; scatter_windows reverses it.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .layout import TokenIndex, to_pair
+
+
+# ----------------------------------------------------------------------------- rows
+def _padded_rows(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Maps padding rows (-1) to an extra row appended at index num_rows."""
+    return torch.where(rows < 0, torch.full_like(rows, num_rows), rows)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    x_ext = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    return x_ext[_padded_rows(rows, x.shape[0])]
+
+
+def scatter_rows(y: torch.Tensor, rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    base_ext = torch.cat([base, base.new_zeros(1, base.shape[1])])
+    return base_ext.index_copy(0, _padded_rows(rows, base.shape[0]), y)[: base.shape[0]]
+
+
+def scatter_add_rows(y: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    out = y.new_zeros(num_rows + 1, y.shape[1])
+    return out.index_add(0, _padded_rows(rows, num_rows), y)[:num_rows]
+
+
+# -------------------------------------------------------------------------- windows
+def _to_frame(x: torch.Tensor, window_size, shift_size) -> torch.Tensor:
+    """[B, H, W, ...] -> rolled by -shift and zero-padded to window multiples."""
+    (wh, ww), (sh, sw) = to_pair(window_size), to_pair(shift_size)
+    H, W = x.shape[1], x.shape[2]
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    pad = [0, 0] * (x.dim() - 3) + [0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh]
+    return F.pad(x, pad)
+
+
+def _partition(x: torch.Tensor, window_size) -> torch.Tensor:
+    """[B, Hp, Wp, C] -> [B, nW, wh*ww, C], windows in row-major order (timm's window_partition)."""
+    wh, ww = to_pair(window_size)
+    B, Hp, Wp, C = x.shape
+    x = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (Hp // wh) * (Wp // ww), wh * ww, C)
+
+
+def _reverse(windows: torch.Tensor, window_size, Hp: int, Wp: int) -> torch.Tensor:
+    """[B, nW, wh*ww, C] -> [B, Hp, Wp, C] (timm's window_reverse)."""
+    wh, ww = to_pair(window_size)
+    B, C = windows.shape[0], windows.shape[-1]
+    x = windows.view(B, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, Hp, Wp, C)
+
+
+def window_rows(windows: torch.Tensor, height: int, width: int, window_size, shift_size) -> torch.Tensor:
+    B, K = windows.shape
+    positions = torch.arange(height * width, device=windows.device).view(1, height, width, 1)
+    frame = _to_frame(positions + 1, window_size, shift_size) - 1  # padding -> -1
+    rows = _partition(frame, window_size)[0, :, :, 0][windows]  # [B, K, wh*ww]
+    image = (torch.arange(B, device=windows.device) * height * width).view(B, 1, 1)
+    return torch.where(rows < 0, rows, rows + image).reshape(-1)
+
+
+def window_scores(x: torch.Tensor, window_size, shift_size) -> torch.Tensor:
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    m = x.to(dtype).abs().mean(-1, keepdim=True)  # [B, H, W, 1]
+    windows = _partition(_to_frame(m, window_size, shift_size), window_size)
+    return windows.square().sum((2, 3)).sqrt()
+
+
+def gather_windows(x: torch.Tensor, windows: torch.Tensor, window_size, shift_size) -> torch.Tensor:
+    all_windows = _partition(_to_frame(x, window_size, shift_size), window_size)
+    picked = torch.gather(all_windows, 1, windows.view(*windows.shape, 1, 1).expand(-1, -1, *all_windows.shape[2:]))
+    return picked.reshape(-1, *all_windows.shape[2:])
+
+
+def scatter_windows(y: torch.Tensor, base: torch.Tensor, windows: torch.Tensor, window_size, shift_size) -> torch.Tensor:
+    B, H, W, C = base.shape
+    (sh, sw) = to_pair(shift_size)
+    frame = _to_frame(base, window_size, shift_size)
+    all_windows = _partition(frame, window_size)
+    index = windows.view(*windows.shape, 1, 1).expand(-1, -1, *all_windows.shape[2:])
+    all_windows = all_windows.scatter(1, index, y.view(B, windows.shape[1], *all_windows.shape[2:]))
+    out = _reverse(all_windows, window_size, frame.shape[1], frame.shape[2])[:, :H, :W]
+    return torch.roll(out, shifts=(sh, sw), dims=(1, 2)) if sh or sw else out
+
+
+# --------------------------------------------------------------------------- tokens
+def gather_tokens(x: torch.Tensor, idx: TokenIndex) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])[idx.index]
+
+
+def scatter_tokens(y: torch.Tensor, idx: TokenIndex, base: torch.Tensor) -> torch.Tensor:
+    return base.reshape(-1, base.shape[-1]).index_copy(0, idx.index, y).view_as(base)
+
+
+def package_tokens(x: torch.Tensor, scores: torch.Tensor, idx: TokenIndex) -> torch.Tensor:
+    """Per image, the score-weighted mean of the pruned tokens (zeros if none was pruned)."""
+    B, N, C = x.shape
+    out = []
+    for b in range(B):
+        kept = idx.index[idx.cu_seqlens[b] : idx.cu_seqlens[b + 1]] - b * N
+        pruned = torch.ones(N, dtype=torch.bool, device=x.device)
+        pruned[kept] = False
+        w = scores[b][pruned].to(torch.float64)
+        total = w.sum()
+        if total > 0:
+            out.append(((w / total)[:, None] * x[b][pruned].to(torch.float64)).sum(0))
+        else:
+            out.append(x.new_zeros(C, dtype=torch.float64))
+    return torch.stack(out).to(x.dtype) if B else x.new_zeros(0, C)
+
+
+def select_tokens(scores: torch.Tensor, keep_rate=None, mass=None, keep_prefix: int = 1, min_keep: int = 1) -> TokenIndex:
+    """One image at a time: sort the candidates (tokens after the prefix) by score and keep
+    ceil(keep_rate * candidates) of them, or the fewest whose share of the score mass
+    reaches `mass`; at least min_keep, at most all."""
+    B, N = scores.shape
+    candidates = N - keep_prefix
+    kept = []
+    for b in range(B):
+        order = torch.argsort(scores[b, keep_prefix:].to(torch.float64), descending=True, stable=True)
+        if keep_rate is not None:
+            k = math.ceil(keep_rate * candidates)
+        else:
+            s = scores[b, keep_prefix:].to(torch.float64)[order]
+            share = s.cumsum(0) / s.sum() if candidates else s
+            k = int((share < mass).sum()) + 1 if mass < 1.0 else candidates
+        k = min(max(k, min_keep), candidates)
+        chosen = torch.sort(order[:k]).values + keep_prefix
+        kept.append(torch.cat([torch.arange(keep_prefix, device=scores.device), chosen]) + b * N)
+    index = torch.cat(kept) if kept else scores.new_zeros(0, dtype=torch.long)
+    lengths = torch.tensor([len(k) for k in kept], dtype=torch.int32, device=scores.device)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=torch.int32)])
+    return TokenIndex(index, cu, int(lengths.max()) if B else 0, B, N)
+
+
+def select_windows(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    return torch.argsort(scores, dim=1, descending=True, stable=True)[:, :num_keep]
+
