@@ -16,6 +16,7 @@ SETUP_DEPS :=
 else
 PY := $(abspath $(VENV))/bin/python
 SETUP_DEPS := $(VENV)/.ready
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 endif
 ifneq ($(wildcard $(CUDA_HOME)/bin/nvcc),)
 export FORCE_CUDA := 1
@@ -29,18 +30,26 @@ $(VENV)/.ready:
 	touch $@
 
 setup: $(SETUP_DEPS)
-	@$(PY) -c "import timm, pytest, ninja" 2>/dev/null || $(PY) -m pip install -q timm ninja pytest
+	@$(PY) -c "import timm, pytest" 2>/dev/null || $(PY) -m pip install -q timm pytest
 
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
+# The CMake twin of the extension; skipped (and its test with it) where cmake is missing.
+ifneq ($(shell command -v cmake),)
+CMAKE_LIB := $(abspath build-cmake/_C.so)
 cmake: setup
-	cmake -S . -B build-cmake -G Ninja -DPython_EXECUTABLE=$(PY) -DSPARSE_OPS_CUDA=$(if $(FORCE_CUDA),ON,OFF)
+	cmake -S . -B build-cmake $(if $(shell command -v ninja),-G Ninja) -DPython_EXECUTABLE=$(PY) \
+		-DSPARSE_OPS_CUDA=$(if $(FORCE_CUDA),ON,OFF)
 	cmake --build build-cmake
+else
+cmake:
+	@echo "cmake not found: skipping the CMake build"
+endif
 
 test: build cmake
-	SPARSE_OPS_REQUIRE_EXT=1 SPARSE_OPS_REQUIRE_CUDA=$(FORCE_CUDA) \
-	SPARSE_OPS_CMAKE_LIB=$(abspath build-cmake/_C.so) $(PY) -m pytest -q tests
+	SPARSE_OPS_REQUIRE_EXT=1 SPARSE_OPS_REQUIRE_CUDA=$(FORCE_CUDA) SPARSE_OPS_CMAKE_LIB=$(CMAKE_LIB) \
+		$(PY) -m pytest -q tests
 
 bench: build
 	$(PY) -m benchmarks

@@ -14,6 +14,20 @@ inline void check_rows_args(const at::Tensor& rows, const at::Tensor& x, int64_t
               "sparse_ops: expected a 2-D tensor with ", num_cols, " columns, got shape ", x.sizes());
 }
 
+inline void check_scatter_args(const at::Tensor& y, const at::Tensor& rows, const at::Tensor& base) {
+  check_rows_args(rows, base, base.size(-1));
+  check_rows_args(rows, y, base.size(1));
+  TORCH_CHECK(y.size(0) == rows.size(0), "sparse_ops: y has ", y.size(0), " rows but rows has ", rows.size(0));
+  TORCH_CHECK(y.scalar_type() == base.scalar_type(), "sparse_ops: y is ", y.scalar_type(), " but base is ",
+              base.scalar_type());
+}
+
+inline void check_scatter_add_args(const at::Tensor& y, const at::Tensor& rows, int64_t num_rows) {
+  check_rows_args(rows, y, y.size(-1));
+  TORCH_CHECK(y.size(0) == rows.size(0), "sparse_ops: y has ", y.size(0), " rows but rows has ", rows.size(0));
+  TORCH_CHECK(num_rows >= 0, "sparse_ops: num_rows must be >= 0, got ", num_rows);
+}
+
 // The frame of timm's (shifted) window partition: the image rolled by -shift, then
 // zero-padded at the bottom/right to multiples of the window.
 struct WindowFrame {

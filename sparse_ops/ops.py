@@ -62,9 +62,9 @@ def _window_args(height: int, width: int, window_size: Pair, shift_size: Pair):
     return [wh, ww], [sh, sw]
 
 
-def _check_windows(windows: torch.Tensor, batch: int, height: int, width: int, window_size) -> None:
+def _check_windows(windows: torch.Tensor, height: int, width: int, window_size, batch=None) -> None:
     check.index(windows, "windows", 2, "[B, K] window ids")
-    if windows.shape[0] != batch:
+    if batch is not None and windows.shape[0] != batch:
         raise ValueError(f"windows must have one row per image ({batch}), got shape {list(windows.shape)}")
     gh, gw = window_grid(height, width, window_size)
     check.in_range(windows, "windows", 0, gh * gw)
@@ -76,7 +76,7 @@ def window_rows(windows: torch.Tensor, height: int, width: int, window_size: Pai
     check.integer(height, "height", 1)
     check.integer(width, "width", 1)
     ws, ss = _window_args(height, width, window_size, shift_size)
-    _check_windows(windows, windows.shape[0] if isinstance(windows, torch.Tensor) else 0, height, width, ws)
+    _check_windows(windows, height, width, ws)
     return kernel("window_rows", windows.device.type)(windows, height, width, ws, ss)
 
 
@@ -96,7 +96,7 @@ def gather_windows(x: torch.Tensor, windows: torch.Tensor, window_size: Pair, sh
     check.tensor(x, "x", 4, "[B, H, W, C]")
     B, H, W, C = x.shape
     ws, ss = _window_args(H, W, window_size, shift_size)
-    _check_windows(windows, B, H, W, ws)
+    _check_windows(windows, H, W, ws, batch=B)
     check.same_device(x=x, windows=windows)
     rows = kernel("window_rows", x.device.type)(windows, H, W, ws, ss)
     out = kernel("gather_rows", x.device.type)(x.reshape(-1, C), rows)
@@ -110,7 +110,7 @@ def scatter_windows(y: torch.Tensor, base: torch.Tensor, windows: torch.Tensor, 
     check.tensor(base, "base", 4, "[B, H, W, C]")
     B, H, W, C = base.shape
     ws, ss = _window_args(H, W, window_size, shift_size)
-    _check_windows(windows, B, H, W, ws)
+    _check_windows(windows, H, W, ws, batch=B)
     check.unique_windows(windows, "windows")
     check.tensor(y, "y", 4 if isinstance(y, torch.Tensor) and y.dim() == 4 else 3, "[B*K, wh*ww, C]")
     expected = (B * windows.shape[1], ws[0] * ws[1], C)

@@ -51,16 +51,20 @@ def num_windows(H, W, ws):
     return gh * gw
 
 
-@pytest.mark.parametrize("keep", ["none", "some", "all"])
-@pytest.mark.parametrize("B,H,W,C,ws,shift", CASES, ids=IDS)
-def test_gather_windows_matches_timm(device, dtype, B, H, W, C, ws, shift, keep):
+def random_selection(B, H, W, C, ws, keep, device, dtype):
+    """A random map and, per image, no window, about half of them, or all of them."""
     x = torch.randn(B, H, W, C, device=device).to(dtype)
     nW = num_windows(H, W, ws)
     K = {"none": 0, "some": max(1, nW // 2), "all": nW}[keep]
-    windows = random_windows(B, nW, K, device)
+    return x, random_windows(B, nW, K, device), K, pair(ws)[0] * pair(ws)[1]
+
+
+@pytest.mark.parametrize("keep", ["none", "some", "all"])
+@pytest.mark.parametrize("B,H,W,C,ws,shift", CASES, ids=IDS)
+def test_gather_windows_matches_timm(device, dtype, B, H, W, C, ws, shift, keep):
+    x, windows, K, area = random_selection(B, H, W, C, ws, keep, device, dtype)
     all_windows, _, _ = timm_windows(x, ws, shift)
     expected = torch.stack([all_windows[b, windows[b]] for b in range(B)]).flatten(0, 1)
-    area = pair(ws)[0] * pair(ws)[1]
     poison_allocator(B * K * area * C * x.element_size(), device)
     out = sparse_ops.gather_windows(x, windows, ws, shift)
     assert out.shape == (B * K, area, C)
@@ -71,11 +75,7 @@ def test_gather_windows_matches_timm(device, dtype, B, H, W, C, ws, shift, keep)
 @pytest.mark.parametrize("keep", ["none", "some", "all"])
 @pytest.mark.parametrize("B,H,W,C,ws,shift", CASES, ids=IDS)
 def test_scatter_windows_matches_timm(device, dtype, B, H, W, C, ws, shift, keep):
-    base = torch.randn(B, H, W, C, device=device).to(dtype)
-    nW = num_windows(H, W, ws)
-    K = {"none": 0, "some": max(1, nW // 2), "all": nW}[keep]
-    windows = random_windows(B, nW, K, device)
-    area = pair(ws)[0] * pair(ws)[1]
+    base, windows, K, area = random_selection(B, H, W, C, ws, keep, device, dtype)
     y = torch.randn(B * K, area, C, device=device).to(dtype)
     all_windows, Hp, Wp = timm_windows(base, ws, shift)
     for b in range(B):
@@ -156,3 +156,16 @@ def test_window_ops_opcheck(device):
     torch.library.opcheck(ops.window_scores.default, (x, [7, 3], [0, 1]))
     torch.library.opcheck(ops.window_rows.default, (windows, 9, 11, [4, 4], [2, 2]))
     torch.library.opcheck(ops.window_rows.default, (windows[:, :0], 9, 11, [4, 4], [0, 0]))
+
+
+def test_window_backward_low_precision(device, dtype):
+    """Gradients in the model's dtype: rows move unchanged, so they equal the reference's."""
+    x = torch.randn(2, 10, 9, 8, device=device).to(dtype).requires_grad_()
+    windows = torch.tensor([[3, 0, 5], [1, 5, 2]], device=device)
+    upstream = torch.randn_like(x)
+    grads = []
+    for ops in (sparse_ops, reference):
+        out = ops.scatter_windows(ops.gather_windows(x, windows, 4, 2) * 3, x, windows, 4, 2)
+        grads.append(torch.autograd.grad(out, x, upstream)[0])
+    assert grads[0].dtype == dtype
+    assert torch.equal(grads[0], grads[1])

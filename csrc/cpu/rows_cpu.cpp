@@ -45,11 +45,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& rows) {
 }
 
 at::Tensor scatter_rows_cpu(const at::Tensor& y, const at::Tensor& rows, const at::Tensor& base) {
-  check_rows_args(rows, base, base.size(-1));
-  check_rows_args(rows, y, base.size(1));
-  TORCH_CHECK(y.size(0) == rows.size(0), "sparse_ops: y has ", y.size(0), " rows but rows has ", rows.size(0));
-  TORCH_CHECK(y.scalar_type() == base.scalar_type(), "sparse_ops: y is ", y.scalar_type(), " but base is ",
-              base.scalar_type());
+  check_scatter_args(y, rows, base);
   const at::Tensor src = y.contiguous();
   const at::Tensor idx = rows.contiguous();
   at::Tensor out = base.clone(at::MemoryFormat::Contiguous);
@@ -68,9 +64,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& y, const at::Tensor& rows, const a
 }
 
 at::Tensor scatter_add_rows_cpu(const at::Tensor& y, const at::Tensor& rows, int64_t num_rows) {
-  check_rows_args(rows, y, y.size(-1));
-  TORCH_CHECK(y.size(0) == rows.size(0), "sparse_ops: y has ", y.size(0), " rows but rows has ", rows.size(0));
-  TORCH_CHECK(num_rows >= 0, "sparse_ops: num_rows must be >= 0, got ", num_rows);
+  check_scatter_add_args(y, rows, num_rows);
   const at::Tensor src = y.contiguous();
   const at::Tensor idx = rows.contiguous();
   const int64_t n = idx.numel(), cols = src.size(1);
