@@ -6,7 +6,12 @@ import os
 
 from setuptools import setup
 
-import torch
+# torch looks for the toolkit through the nvcc on PATH first, which may be a wrapper outside
+# it (/usr/local/bin/nvcc here): prefer the standard location when nothing is set.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
