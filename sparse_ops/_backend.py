@@ -4,6 +4,7 @@ Importing sparse_ops never fails because sparse_ops._C is missing (or was built 
 CUDA): those ops fall back to the plain-PyTorch reference, and that is said once, at import.
 Set SPARSE_OPS_BACKEND=reference to force the fallback (for debugging and tests).
 """
+import importlib.util
 import logging
 import os
 import warnings
@@ -21,6 +22,8 @@ COMPOSITE_OPS = (
     "gather_tokens", "scatter_tokens", "package_tokens", "select_tokens",
     "select_windows", "gather_windows", "scatter_windows",
 )
+# Triton kernels with a plain-PyTorch path (sparse_ops/attention/_dispatch.py).
+TRITON_OPS = ("varlen_attention", "window_attention")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -60,13 +63,20 @@ def kernel(name: str, device_type: str):
 def backends() -> dict:
     """Which implementation each public op uses, per device type: 'C++' or 'CUDA' for the
     compiled kernels, 'reference' for the plain-PyTorch fallback, 'torch' for ops built
-    from other sparse_ops ops and stock torch ops."""
+    from other sparse_ops ops and stock torch ops (and for the attention ops where their
+    Triton kernels do not run), 'triton' (on the CPU: 'triton (interpreter)', under
+    TRITON_INTERPRET=1) for the attention kernels. float64 attention always runs 'torch'."""
     table = {
         name: {device: (key if device == "cuda" else "C++") if has_kernel(name, device) else "reference"
                for device, key in _DISPATCH_KEYS.items()}
         for name in COMPILED_OPS
     }
     table.update({name: {device: "torch" for device in _DISPATCH_KEYS} for name in COMPOSITE_OPS})
+    has_triton = importlib.util.find_spec("triton") is not None
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    triton_backend = {"cpu": "triton (interpreter)" if has_triton and interpret else "torch",
+                      "cuda": "triton" if has_triton else "torch"}
+    table.update({name: dict(triton_backend) for name in TRITON_OPS})
     return table
 
 

@@ -42,6 +42,30 @@ def tensor(value, name: str, ndim: int, what: str, dtypes=FLOAT_DTYPES) -> torch
     return value
 
 
+def qkv(q, k, v, what: str) -> None:
+    """Checks attention inputs: float tensors of one shape `what` (e.g. '[T, H, D]'), dtype
+    and device, with at least one element along every dim but the first."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        tensor(t, name, len(what.split(",")), what)
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {list(q.shape)}, got {list(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if min(q.shape[1:]) < 1:
+        raise ValueError(f"q {what} must have at least one head, token and channel, got shape {list(q.shape)}")
+    same_device(q=q, k=k, v=v)
+
+
+def scale(value, head_dim: int) -> float:
+    """An attention scale: a float, or None for head_dim ** -0.5."""
+    if value is None:
+        return head_dim**-0.5
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
+    return float(value)
+
+
 def index(value, name: str, ndim: int, what: str) -> torch.Tensor:
     return tensor(value, name, ndim, what, dtypes=(torch.int64,))
 

@@ -146,3 +146,34 @@ def select_tokens(scores: torch.Tensor, keep_rate=None, mass=None, keep_prefix: 
 def select_windows(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
     return torch.argsort(scores, dim=1, descending=True, stable=True)[:, :num_keep]
 
+
+# ------------------------------------------------------------------------ attention
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, return_cls_attn=False):
+    """One sequence at a time: softmax(q k^T * scale) v over the rows cu_seqlens[b]:cu_seqlens[b+1],
+    computed in the inputs' dtype. cls_attn[t] (float32, float64 for float64 inputs) is the first
+    row of t's sequence's attention matrix, at t's key position, averaged over heads."""
+    T, H, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    cls_attn = q.new_zeros(T, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        p = torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1)
+        out[start:end] = (p @ vs).transpose(0, 1)
+        cls_attn[start:end] = p[:, 0].mean(0).to(cls_attn.dtype)
+    return (out, cls_attn) if return_cls_attn else out
+
+
+def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None):
+    """softmax(q k^T * scale + bias[h] + mask[window_ids[m]]) v for windows [M, H, n, D],
+    computed in the inputs' dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    if mask is not None:
+        s = s + mask[window_ids].unsqueeze(1).to(s.dtype)
+    return torch.softmax(s, dim=-1) @ v

@@ -33,3 +33,36 @@ def assert_close_to_reference(out, ref_low, ref_high, atol=1e-6):
     err = (out.double() - ref_high.double()).abs().max().item() if out.numel() else 0.0
     ref_err = (ref_low.double() - ref_high.double()).abs().max().item() if out.numel() else 0.0
     assert err <= 2 * ref_err + atol, f"error {err} > 2 * reference error {ref_err} + {atol}"
+
+
+@pytest.fixture(params=["triton", "torch"])
+def path(request, monkeypatch):
+    """Forces one implementation of the attention ops: the Triton kernels (which must import)
+    or plain PyTorch."""
+    from sparse_ops.attention import _dispatch
+
+    if request.param == "triton":
+        for name in ("varlen_attention", "window_attention"):
+            assert _dispatch.triton_kernels(name) is not None, f"sparse_ops.kernels.{name} failed to import"
+    monkeypatch.setattr(_dispatch, "use_triton", lambda name, q: request.param == "triton")
+    return request.param
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """Tensors allocated from Python start as NaN (-1 for integers), so an element a kernel
+    leaves unwritten shows."""
+    def poisoned(allocate):
+        def allocate_poisoned(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            return t.fill_(float("nan") if t.is_floating_point() else -1)
+        return allocate_poisoned
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(torch.Tensor.new_empty))
+
+
+def with_grad(*tensors, dtype=None):
+    """Fresh leaves (optionally cast) that require grad."""
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]

@@ -12,8 +12,10 @@ from sparse_ops import _backend, reference
 
 def test_backends_table():
     table = sparse_ops.backends()
-    for name in _backend.COMPILED_OPS + _backend.COMPOSITE_OPS:
+    for name in _backend.COMPILED_OPS + _backend.COMPOSITE_OPS + _backend.TRITON_OPS:
         assert set(table[name]) == {"cpu", "cuda"}
+    for name in _backend.TRITON_OPS:  # conftest sets TRITON_INTERPRET=1; make test installs triton
+        assert table[name] == {"cpu": "triton (interpreter)", "cuda": "triton"}
     for name in _backend.COMPILED_OPS:
         assert table[name]["cpu"] in ("C++", "reference") and table[name]["cuda"] in ("CUDA", "reference")
 
@@ -41,6 +43,17 @@ def test_reference_fallback_in_subprocess():
     result = subprocess.run([sys.executable, "-W", "default", "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("compiled kernels unavailable on cpu (SPARSE_OPS_BACKEND=reference)") == 1, result.stderr
+
+
+@pytest.mark.parametrize("name", _backend.TRITON_OPS)
+def test_attention_dispatch(name, monkeypatch):
+    from sparse_ops.attention import _dispatch
+
+    cpu32 = torch.zeros(1)
+    assert _dispatch.use_triton(name, cpu32)  # conftest sets TRITON_INTERPRET=1
+    assert not _dispatch.use_triton(name, cpu32.double())  # the kernels accumulate in float32
+    monkeypatch.setattr(_dispatch, "INTERPRET", False)
+    assert not _dispatch.use_triton(name, cpu32)
 
 
 def test_triton_kernels_package_ships():
