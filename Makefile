@@ -26,11 +26,13 @@ endif
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm ninja pytest numpy
+	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm ninja pytest numpy matplotlib tqdm
 	touch $@
 
+# Where torch came with the machine, add what the tests and benchmarks need beside it.
 setup: $(SETUP_DEPS)
-	@$(PY) -c "import timm, pytest" 2>/dev/null || $(PY) -m pip install -q timm pytest
+	@$(PY) -c "import timm, pytest, triton, matplotlib, tqdm" 2>/dev/null || \
+		$(PY) -m pip install -q timm pytest triton matplotlib tqdm
 
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -51,8 +53,9 @@ test: build cmake
 	SPARSE_OPS_REQUIRE_EXT=1 SPARSE_OPS_REQUIRE_CUDA=$(FORCE_CUDA) SPARSE_OPS_CMAKE_LIB=$(CMAKE_LIB) \
 		$(PY) -m pytest -q tests
 
+# make bench BENCH_ARGS="--suite attention --case varlen": any `python -m benchmarks` options.
 bench: build
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf build build-cmake dist *.egg-info sparse_ops/*.so

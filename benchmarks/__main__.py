@@ -1,81 +1,120 @@
-"""Row-op bandwidth against a device-to-device copy (clone) of the same bytes, measured in
-the same run: gather/scatter of rows, tokens and windows at ViT / Swin shapes.
+"""Benchmarks of sparse_ops against dense and naive sparse baselines.
 
-    python -m benchmarks [--device cuda|cpu] [--dtype bfloat16|float16|float32] [--size small|large]
+Every case times, in one process and interleaved round by round: the dense timm baseline,
+the naive sparse baseline (plain PyTorch index ops around the unchanged timm layers),
+torch.compile of both (--compile, the default on CUDA), and ours (sparse_ops; "unavailable"
+where this checkout does not have it yet). It reports the median and spread of the rounds,
+the speedup over the baseline, the ideal speedup from the FLOP ratio and the efficiency
+(achieved / ideal), peak memory (CUDA), and for memory-bound ops GB/s and % of a device copy
+measured in the same run. A case that fails is reported and the others still run.
+
+Writes results.json, results.md (the tables printed here) and speedup-vs-sparsity plots to
+the output folder it prints. Defaults: the best device present (CUDA, else CPU), bfloat16 on
+CUDA and float32 on CPU; on CPU smaller shapes and no torch.compile (a few minutes).
 """
 import argparse
 import datetime
-import platform
+import pathlib
+import sys
+import textwrap
+import warnings
 
 import torch
-import torch.utils.benchmark as torch_benchmark
+from tqdm import tqdm
 
-import sparse_ops
+from . import report
+from .core import Config
+from .run import REPO, environment, run_case
+from .suites import SUITES
 
-
-def median_seconds(fn, device: str) -> float:
-    if device == "cuda":
-        for _ in range(5):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(50):
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
-    return torch_benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.3).median
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def cases(device: str, dtype: torch.dtype, size: str):
-    """(name, shape, fn, bytes moved) for each op; 60 % of tokens / windows kept."""
-    B, N, C = (64, 197, 768) if size == "large" else (8, 197, 384)
-    x = torch.randn(B, N, C, device=device, dtype=dtype)
-    idx = sparse_ops.select_tokens(torch.rand(B, N, device=device), keep_rate=0.6)
-    T, e = idx.num_tokens, x.element_size()
-    y = torch.randn(T, C, device=device, dtype=dtype)
-    yield "gather_tokens", f"{B}x{N}x{C} keep {T}", lambda: sparse_ops.gather_tokens(x, idx), 2 * T * C * e + 8 * T
-    # Out of place: a copy of base, then the kept rows.
-    yield "scatter_tokens", f"{B}x{N}x{C} keep {T}", lambda: sparse_ops.scatter_tokens(y, idx, x), (2 * B * N + 2 * T) * C * e
-
-    # Swin-T stage 0 at 672x672: 168x168 tokens of 96 channels, 7x7 windows.
-    Bw, H, C = (4, 168, 96) if size == "large" else (1, 84, 96)
-    xw = torch.randn(Bw, H, H, C, device=device, dtype=dtype)
-    scores = sparse_ops.window_scores(xw, 7, 3)
-    windows = sparse_ops.select_windows(scores, int(0.6 * scores.shape[1]))
-    K = windows.shape[1]
-    packed = sparse_ops.gather_windows(xw, windows, 7, 3)
-    moved = Bw * K * 49 * C * e
-    shape = f"{Bw}x{H}x{H}x{C} keep {K}/{scores.shape[1]}"
-    yield "gather_windows", shape, lambda: sparse_ops.gather_windows(xw, windows, 7, 3), 2 * moved
-    yield "scatter_windows", shape, lambda: sparse_ops.scatter_windows(packed, xw, windows, 7, 3), 2 * xw.numel() * e + 2 * moved
-    yield "window_scores", shape, lambda: sparse_ops.window_scores(xw, 7, 3), xw.numel() * e
+def _config(device: str, dtype, quick: bool, compile_) -> Config:
+    dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    return Config(device, dtype, quick, device == "cuda" if compile_ is None else compile_)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--size", choices=["small", "large"], default=None, help="default: large on cuda")
-    args = parser.parse_args()
-    device = args.device
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
-    size = args.size or ("large" if device == "cuda" else "small")
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+def _catalogue(cfg: Config) -> str:
+    text = [f"suites and cases (--case matches any part of a name; shown for --device {cfg.device}"
+            f"{' --quick' if cfg.quick else ''}):"]
+    for suite in SUITES.values():
+        text.append(f"\n  {suite.NAME}: {suite.__doc__.split(':', 1)[1].strip().splitlines()[0]}")
+        names = ", ".join(case.name.split("/", 1)[1] for case in suite.cases(cfg))
+        text.append(textwrap.fill(names, 100, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(text)
 
-    print(f"# sparse_ops row ops vs device copy — {name}, {dtype}, torch {torch.__version__}, "
-          f"{datetime.date.today()}\n")
-    print("| op | shape | time (us) | GB/s | % of copy |\n|---|---|---|---|---|")
-    with sparse_ops.no_index_checks():  # time the kernels, not the Python-side index checks
-        for op, shape, fn, nbytes in cases(device, dtype, size):
-            # The ops return new tensors, so the copy allocates its output too (clone).
-            src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-            copy_bw = nbytes / median_seconds(src.clone, device)
-            t = median_seconds(fn, device)
-            print(f"| {op} | {shape} | {t * 1e6:.1f} | {nbytes / t / 1e9:.1f} | {100 * nbytes / t / copy_bw:.0f} % |")
+
+def parse_args(argv):
+    best = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     epilog=_catalogue(_config(best, None, False, None)),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default=",".join(SUITES),
+                        help=f"comma-separated, of {', '.join(SUITES)} (default: all)")
+    parser.add_argument("--case", default="", help="comma-separated parts of case names: run the cases matching any")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=best, help=f"default: {best}")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--out", type=pathlib.Path, help="output folder (default: benchmarks/out/<time>-<device>)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test of the harness")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="add torch.compile of the dense and naive baselines (default: on cuda only)")
+    parser.add_argument("--list", action="store_true", help="print the names of the selected cases and exit")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    unknown = set(args.suite.split(",")) - set(SUITES)
+    if unknown:
+        parser.error(f"--suite: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SUITES)}")
+    return parser, args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, args = parse_args(argv)
+    cfg = _config(args.device, args.dtype, args.quick, args.compile)
+    patterns = [p for p in args.case.split(",") if p]
+    cases = [case for name in args.suite.split(",") for case in SUITES[name].cases(cfg)
+             if not patterns or any(p in case.name for p in patterns)]
+    if not cases:
+        parser.error(f"no case matches --case {args.case!r} in --suite {args.suite}")
+    if args.list:
+        print("\n".join(case.name for case in cases))
+        return 0
+
+    env = environment(cfg, argv)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or REPO / "benchmarks" / "out" / f"{stamp}-{report.slug(env['device'])}"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"writing to {out}", file=sys.stderr)
+    # The nested-tensor baseline is a torch prototype: its warning says nothing about the timings.
+    warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage")
+
+    chunks, records = [report.header(env)], []
+    print(chunks[0], end="")
+    with tqdm(cases, unit="case", file=sys.stderr, disable=None) as progress:
+        for i, case in enumerate(progress):
+            progress.set_description(case.name)
+            suite = SUITES[case.suite]
+            if i == 0 or case.suite != cases[i - 1].suite:
+                chunks.append(report.suite_header(suite, cfg.device))
+                tqdm.write(chunks[-1], end="")
+            records.append(run_case(case, cfg))
+            chunks.append(report.case_rows(records[-1], report.columns(suite, cfg.device)))
+            tqdm.write(chunks[-1], end="")
+            report.write(out, env, records, "".join(chunks))  # after every case: a killed run keeps its results
+    chunks.append(report.plots_section(report.plot(records, SUITES, out, env)))
+    print(chunks[-1], end="")
+    report.write(out, env, records, "".join(chunks))
+
+    failed = [f"{r['name']} ({name})" for r in records
+              for name, m in ([("case", r["error"])] if r["error"] else r["methods"].items())
+              if m["status"] == "error"]
+    if failed:
+        print(f"{len(failed)} failed (see the tables): {', '.join(failed)}", file=sys.stderr)
+    print(f"results in {out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Analytical FLOP counts of timm ViT and Swin forwards, dense or pruned: the ideal speedup
+of a sparse configuration is dense FLOPs / sparse FLOPs.
+
+Counted like torch.utils.flop_counter.FlopCounterMode (the tests check the dense counts
+against it): 2 FLOPs per multiply-add of every Linear, convolution and attention matmul
+(q k^T and p v); normalisation, softmax, activations and index ops are free. The work of
+choosing what to prune (scores, top-k) is not counted: the ideal is the sparse model's math.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+
+def _weights(module: nn.Module) -> int:
+    """Multiply-adds per token of all the Linear layers in module."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _patch_embed(model) -> int:
+    conv = model.patch_embed.proj
+    gh, gw = model.patch_embed.grid_size
+    return 2 * gh * gw * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size)
+
+
+def attention_core(tokens: int, context: int, attn_dim: int) -> int:
+    """q k^T and p v for `tokens` queries over `context` keys, all heads (attn_dim = H * D)."""
+    return 4 * tokens * context * attn_dim
+
+
+# ------------------------------------------------------------------------------ ViT
+Schedule = List[Tuple[int, int]]  # per block of one image: (tokens into attention, tokens into the MLP)
+
+
+def evit_schedule(num_tokens: int, depth: int, prune_layers: Sequence[int], kept: Sequence[int],
+                  num_prefix: int = 1) -> Schedule:
+    """EViT / SaiT: at prune layer j the attention sees all tokens, the MLP and the later blocks
+    only the prefix tokens and kept[j] others."""
+    schedule, n = [], num_tokens
+    for i in range(depth):
+        after = num_prefix + kept[list(prune_layers).index(i)] if i in prune_layers else n
+        schedule.append((n, after))
+        n = after
+    return schedule
+
+
+def vit_block(block, attn_tokens: int, mlp_tokens: int) -> int:
+    attn_dim = block.attn.num_heads * block.attn.head_dim
+    return (2 * attn_tokens * _weights(block.attn) + attention_core(attn_tokens, attn_tokens, attn_dim)
+            + 2 * mlp_tokens * _weights(block.mlp))
+
+
+def vit(model, batch: int, schedules: Optional[Sequence[Schedule]] = None) -> int:
+    """A timm VisionTransformer forward on `batch` images; schedules: one per image (default:
+    dense, every block on all tokens)."""
+    if schedules is None:
+        n = model.patch_embed.num_patches + model.num_prefix_tokens
+        schedules = [[(n, n)] * len(model.blocks)] * batch
+    per_image = 2 * _weights(model.head) + _patch_embed(model)
+    return batch * per_image + sum(vit_block(b, a, m) for s in schedules for b, (a, m) in zip(model.blocks, s))
+
+
+# ----------------------------------------------------------------------------- Swin
+def swin_windows(block) -> Tuple[int, int]:
+    """(windows per image, tokens per window) of a timm SwinTransformerBlock."""
+    (H, W), (wh, ww) = block.input_resolution, block.window_size
+    return math.ceil(H / wh) * math.ceil(W / ww), wh * ww
+
+
+def swin_block(block, kept_windows: Optional[float] = None) -> float:
+    """One image through a SwinTransformerBlock keeping kept_windows windows (default all):
+    attention on whole windows (padding included, as timm does), the MLP on the tokens of the
+    kept windows (H * W * kept / windows)."""
+    windows, area = swin_windows(block)
+    kept = windows if kept_windows is None else kept_windows
+    H, W = block.input_resolution
+    attn_tokens, mlp_tokens = kept * area, H * W * kept / windows
+    attn_dim = block.attn.qkv.out_features // 3
+    return (2 * attn_tokens * _weights(block.attn) + attention_core(attn_tokens, area, attn_dim)
+            + 2 * mlp_tokens * _weights(block.mlp))
+
+
+def swin(model, batch: int, kept_windows: Optional[Sequence[float]] = None) -> float:
+    """A timm SwinTransformer forward on `batch` images; kept_windows: per block, in order
+    (default: all)."""
+    blocks = [b for stage in model.layers for b in stage.blocks]
+    kept = [None] * len(blocks) if kept_windows is None else kept_windows
+    total = _patch_embed(model) + 2 * _weights(model.head)
+    for stage in model.layers:
+        if not isinstance(stage.downsample, nn.Identity):
+            total += 2 * math.prod(stage.output_resolution) * _weights(stage.downsample)
+    total += sum(swin_block(b, k) for b, k in zip(blocks, kept))
+    return batch * total

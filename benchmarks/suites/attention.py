@@ -1,0 +1,141 @@
+"""attention: the attention kernels at the models' shapes, forward and forward+backward.
+Backward: the gradients of the inputs.
+- varlen: sparse_ops.varlen_attention on packed DeiT-S / DeiT-B heads (H = 6 / 12, D = 64;
+  on CPU DeiT-S only), batch 64 (CPU: 8), per-image lengths drawn from 60..197 (the tokens
+  a pruned DeiT keeps). dense = SDPA on the padded batch with a key-padding mask; naive =
+  SDPA on the nested jagged tensor (torch.nested, layout=torch.jagged); ours+cls = ours with
+  return_cls_attn=True (its cost over ours is reported as cls_attn overhead).
+- window: Swin-T's shifted-window attention module (qkv, attention, proj) at 672x672, batch 4,
+  each stage (CPU: 224, batch 1, stages 0 and 2), keeping a fraction of the windows. dense =
+  timm's WindowAttention (fused SDPA, the shift mask expanded per batch) on all windows;
+  naive = the same on the kept windows with the mask indexed by window; ours = the module's
+  qkv and proj around sparse_ops.window_attention on the kept windows (the mask looked up by
+  window id).
+Speedups are over dense; sparsity is the fraction of FLOPs pruned."""
+import torch
+import torch.nn.functional as F
+
+import sparse_ops
+from sparse_ops.select import kept_count
+
+from .. import baselines, flops
+from ..core import Case, Config, Setup, Unavailable, compiled, pick
+
+NAME = "attention"
+MEMORY_BOUND = False
+X_LABEL = "fraction of FLOPs pruned"
+PASSES = ("fwd", "fwd+bwd")
+BACKWARD_FLOPS = 2  # a backward's matmuls are twice the forward's (q k^T is not recomputed)
+
+
+def _public(name: str):
+    """sparse_ops.<name>, or Unavailable while it has not landed."""
+    op = getattr(sparse_ops, name, None)
+    return op if op is not None else Unavailable(f"sparse_ops.{name} is not in this checkout yet")
+
+
+def _timed(forward, inputs, backward: bool):
+    """forward(*inputs), and with backward the gradients of the inputs for a random output
+    gradient (torch.autograd.grad: nothing accumulates between calls)."""
+    if not backward:
+        return lambda: forward(*inputs)
+    grad_out = torch.randn_like(forward(*inputs))
+    return lambda: torch.autograd.grad(forward(*inputs), inputs, grad_out)
+
+
+# --------------------------------------------------------------------------- varlen
+def _varlen(cfg: Config, heads: int, batch: int, lengths_range, backward: bool) -> Setup:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(lengths_range[0], lengths_range[1] + 1, (batch,), generator=generator)
+    T, L, D = int(lengths.sum()), int(lengths.max()), 64
+    cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(cfg.device)
+    packed = [torch.randn(T, heads, D, device=cfg.device, dtype=cfg.dtype, requires_grad=backward) for _ in range(3)]
+    keep = torch.arange(L) < lengths[:, None]  # [B, L]
+    padded = []
+    for t in packed:
+        p = torch.zeros(batch, L, heads, D, device=cfg.device, dtype=cfg.dtype)
+        p[keep.to(cfg.device)] = t.detach()
+        padded.append(p.requires_grad_(backward))
+    key_mask = keep.to(cfg.device).view(batch, 1, 1, L)
+
+    def dense(q, k, v):  # [B, L, H, D] viewed as [B, H, L, D], as timm's Attention has them
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=key_mask)
+
+    def nested(q, k, v):
+        q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets=cu_seqlens).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).values()
+
+    methods = {"dense": _timed(dense, padded, backward), "naive": _timed(nested, packed, backward)}
+    op = _public("varlen_attention")
+    if isinstance(op, Unavailable):
+        methods.update(ours=op, **{"ours+cls": op})
+    else:
+        cu32 = cu_seqlens.to(torch.int32)
+        methods["ours"] = _timed(lambda q, k, v: op(q, k, v, cu32, L), packed, backward)
+        methods["ours+cls"] = _timed(lambda q, k, v: op(q, k, v, cu32, L, return_cls_attn=True)[0], packed, backward)
+    scale = 1 + BACKWARD_FLOPS * backward
+    dense_flops = scale * flops.attention_core(batch * L, L, heads * D)
+    sparse_flops = scale * sum(flops.attention_core(n, n, heads * D) for n in lengths.tolist())
+    return Setup(compiled(methods, cfg), flops=(dense_flops, sparse_flops), sparsity=1 - sparse_flops / dense_flops,
+                 grad=backward, overheads={"cls_attn": ("ours+cls", "ours")})
+
+
+# --------------------------------------------------------------------------- window
+def ours_window_attention(attn, x: torch.Tensor, window_ids: torch.Tensor, mask) -> torch.Tensor:
+    """timm's WindowAttention forward with sparse_ops.window_attention as its core."""
+    M, n, C = x.shape
+    q, k, v = attn.qkv(x).reshape(M, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    out = sparse_ops.window_attention(q, k, v, window_ids, bias=attn._get_rel_pos_bias()[0], mask=mask,
+                                      scale=attn.scale)
+    return attn.proj(out.transpose(1, 2).reshape(M, n, -1))
+
+
+def _window(cfg: Config, model: str, img_size: int, stage: int, batch: int, sparsity: float, backward: bool) -> Setup:
+    net = baselines.model(model, cfg.device, cfg.dtype, img_size)
+    block = net.layers[stage].blocks[-1]  # the last block of a stage is shifted where the stage is
+    attn, mask = block.attn, block.attn_mask
+    windows, area = flops.swin_windows(block)
+    K = kept_count(1.0 - sparsity, windows)
+    ids = torch.rand(batch, windows, device=cfg.device).topk(K, dim=1).indices  # [B, K]
+    x = torch.randn(batch, windows, area, block.dim, device=cfg.device, dtype=cfg.dtype)
+    x_all = x.flatten(0, 1).requires_grad_(backward)
+    x_kept = torch.gather(x, 1, ids[:, :, None, None].expand(-1, -1, area, block.dim)).flatten(0, 1)
+    x_kept.requires_grad_(backward)
+    ids = ids.flatten()
+    kept_mask = None if mask is None else mask[ids]
+    methods = {"dense": _timed(lambda t: attn(t, mask=mask), [x_all], backward),
+               "naive": _timed(lambda t: attn(t, mask=kept_mask), [x_kept], backward)}
+    op = _public("window_attention")
+    methods["ours"] = op if isinstance(op, Unavailable) else _timed(
+        lambda t: ours_window_attention(attn, t, ids, mask), [x_kept], backward)
+    per_window = 2 * area * sum(m.in_features * m.out_features for m in (attn.qkv, attn.proj))
+    per_window += flops.attention_core(area, area, attn.qkv.out_features // 3)
+    scale = 1 + BACKWARD_FLOPS * backward
+    return Setup(compiled(methods, cfg), flops=(scale * batch * windows * per_window, scale * batch * K * per_window),
+                 sparsity=1 - K / windows, grad=backward)
+
+
+def cases(cfg: Config):
+    batch = pick(cfg, quick=2, cpu=8, cuda=64)
+    lengths = pick(cfg, quick=(5, 17), cpu=(60, 197), cuda=(60, 197))
+    models = pick(cfg, quick=(("vit_test", 2),), cpu=(("deit_small", 6),), cuda=(("deit_small", 6), ("deit_base", 12)))
+    for model, heads in models:
+        for p in PASSES:
+            yield Case(NAME, f"{NAME}/varlen/{model}/b{batch}/{p}", f"varlen {model} {p}",
+                       dict(model=model, heads=heads, batch=batch, lengths=lengths, backward=p == "fwd+bwd"),
+                       lambda heads=heads, p=p: _varlen(cfg, heads, batch, lengths, p == "fwd+bwd"))
+
+    model, img_size, batch = pick(cfg, quick=("swin_test", None, 1), cpu=("swin_tiny", 224, 1),
+                                  cuda=("swin_tiny", 672, 4))
+    stages = pick(cfg, quick=(0,), cpu=(0, 2), cuda=(0, 1, 2, 3))
+    sparsities = pick(cfg, quick=(0.0, 0.5), cpu=(0.0, 0.5), cuda=(0.0, 0.4, 0.8))
+    size = f"{model}_{img_size}" if img_size else model
+    for stage in stages:
+        for p in PASSES:
+            for s in sparsities:
+                yield Case(NAME, f"{NAME}/window/{size}/b{batch}/stage{stage}/s{s}/{p}",
+                           f"window {size} b{batch} stage{stage} {p}",
+                           dict(model=model, img_size=img_size, batch=batch, stage=stage, sparsity=s,
+                                backward=p == "fwd+bwd"),
+                           lambda stage=stage, s=s, p=p: _window(cfg, model, img_size, stage, batch, s, p == "fwd+bwd"))

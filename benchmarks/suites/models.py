@@ -1,0 +1,91 @@
+"""models: whole timm models (inference) at a throughput and a latency batch size.
+Batch 64 and 1 (CPU: 1), on CPU DeiT-S and Swin-T at 224 only, without torch.compile.
+- DeiT-S / DeiT-B at 224 pruning tokens at blocks 3, 6, 9 with a fixed keep rate r (each
+  prune layer keeps ceil(r * candidates)), or adaptively ("mass m": per image the fewest
+  tokens whose class-attention mass reaches m). dense = the timm model; naive = EViT-style
+  (explicit class-attention row, torch.gather, unchanged timm blocks; the adaptive mode pads
+  the batch to its largest count and masks the padding); ours = sparse_ops.patch.vit.
+- Swin-T at 224 and at 672x672 (batch 4) with a window sparsity s in every block, and
+  SparseViT's per-block ratios (stage 0: 0.6, stage 1: 0, stage 2: 0.2/0.4/0.5 in pairs,
+  stage 3: 0). dense = the timm model; naive = SparseViT-style (roll, pad, partition, top
+  windows by L2 norm, unchanged timm attention and MLP on those, scatter back); ours =
+  sparse_ops.patch.swin(model, ratios).
+Speedups are over dense; sparsity is the fraction of the model's FLOPs pruned (for the
+adaptive mode, from the counts the naive baseline kept on the benchmark batch)."""
+import torch
+
+from .. import baselines, flops
+from ..core import Case, Config, Setup, compiled, guarded, pick
+
+NAME = "models"
+MEMORY_BOUND = False
+X_LABEL = "fraction of FLOPs pruned"
+
+# SparseViT's Swin-T configuration, one ratio (fraction of windows pruned) per block.
+SPARSEVIT_SWIN_T = (0.6, 0.6, 0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.5, 0.5, 0.0, 0.0)
+
+
+def _images(net, batch: int, cfg: Config) -> torch.Tensor:
+    return torch.randn(batch, 3, *net.patch_embed.img_size, device=cfg.device, dtype=cfg.dtype)
+
+
+def _vit(cfg: Config, model: str, batch: int, keep_rate=None, mass=None) -> Setup:
+    net = baselines.model(model, cfg.device, cfg.dtype, None)
+    images = _images(net, batch, cfg)
+    layers = baselines.prune_layers(len(net.blocks))
+    mode = dict(keep_rate=keep_rate) if mass is None else dict(mass=mass)
+    with torch.no_grad():
+        counts = []  # [prune layer][image]
+        baselines.evit_forward(net, images, **mode, layers=layers, counts=counts)
+    N = net.patch_embed.num_patches + net.num_prefix_tokens
+    schedules = [flops.evit_schedule(N, len(net.blocks), layers, [c[b] for c in counts], net.num_prefix_tokens)
+                 for b in range(batch)]
+    dense, sparse = flops.vit(net, batch), flops.vit(net, batch, schedules)
+    ours = guarded(lambda: baselines.patched("vit", net, **mode, prune_layers=layers, package=False))
+    methods = {"dense": lambda: net(images),
+               "naive": lambda: baselines.evit_forward(net, images, **mode, layers=layers),
+               "ours": ours if not callable(ours) else (lambda: ours(images))}
+    return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
+
+
+def _swin(cfg: Config, model: str, img_size, batch: int, ratios) -> Setup:
+    net = baselines.model(model, cfg.device, cfg.dtype, img_size)
+    images = _images(net, batch, cfg)
+    blocks = sum(len(stage.blocks) for stage in net.layers)
+    ratios = [ratios] * blocks if isinstance(ratios, float) else list(ratios)
+    kept = baselines.swin_kept_windows(net, ratios)
+    dense, sparse = flops.swin(net, batch), flops.swin(net, batch, kept)
+    ours = guarded(lambda: baselines.patched("swin", net, ratios=ratios))
+    methods = {"dense": lambda: net(images), "naive": lambda: baselines.sparsevit_forward(net, images, kept),
+               "ours": ours if not callable(ours) else (lambda: ours(images))}
+    return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
+
+
+def cases(cfg: Config):
+    vits = pick(cfg, quick=("vit_test",), cpu=("deit_small",), cuda=("deit_small", "deit_base"))
+    vit_batches = pick(cfg, quick=(2,), cpu=(1,), cuda=(64, 1))
+    keep_rates = pick(cfg, quick=(1.0, 0.5), cpu=(1.0, 0.7, 0.5), cuda=(1.0, 0.8, 0.7, 0.6, 0.5))
+    masses = pick(cfg, quick=(0.9,), cpu=(0.9,), cuda=(0.9, 0.8))
+    for model in vits:
+        for batch in vit_batches:
+            for r in keep_rates:
+                yield Case(NAME, f"{NAME}/{model}/b{batch}/keep{r}", f"{model} b{batch}",
+                           dict(model=model, batch=batch, keep_rate=r),
+                           lambda model=model, batch=batch, r=r: _vit(cfg, model, batch, keep_rate=r))
+            for m in masses:
+                yield Case(NAME, f"{NAME}/{model}/b{batch}/mass{m}", f"{model} b{batch} adaptive",
+                           dict(model=model, batch=batch, mass=m),
+                           lambda model=model, batch=batch, m=m: _vit(cfg, model, batch, mass=m))
+
+    swins = pick(cfg, quick=(("swin_test", None, 1),), cpu=(("swin_tiny", 224, 1),),
+                 cuda=(("swin_tiny", 224, 64), ("swin_tiny", 224, 1), ("swin_tiny", 672, 4)))
+    window_ratios = pick(cfg, quick=(0.0, 0.5), cpu=(0.0, 0.4, 0.8), cuda=(0.0, 0.2, 0.4, 0.6, 0.8))
+    for model, img_size, batch in swins:
+        size = f"{model}_{img_size}" if img_size else model
+        configs = [(f"s{r}", r, f"{size} b{batch}") for r in window_ratios]
+        if model == "swin_tiny":
+            configs.append(("sparsevit", SPARSEVIT_SWIN_T, f"{size} b{batch} sparsevit"))
+        for label, ratios, group in configs:
+            yield Case(NAME, f"{NAME}/{size}/b{batch}/{label}", group,
+                       dict(model=model, img_size=img_size, batch=batch, ratios=ratios),
+                       lambda img_size=img_size, batch=batch, ratios=ratios: _swin(cfg, model, img_size, batch, ratios))

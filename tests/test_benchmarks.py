@@ -1,0 +1,233 @@
+"""The benchmark harness's own logic: FLOP counts, the naive baselines, the timing record,
+results.json / results.md / plots, and that a failing case is reported while the rest run."""
+import json
+import sys
+import types
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparse_ops
+from benchmarks import baselines, flops
+from benchmarks.__main__ import main
+from benchmarks.core import Case, Setup, Unavailable
+from benchmarks.suites import SUITES
+from sparse_ops import reference
+
+
+def unfused(label: str, **overrides) -> torch.nn.Module:
+    """A model of MODELS with attention as explicit matmuls, which FlopCounterMode counts on
+    CPU (it has no formula for the CPU flash kernel)."""
+    name, kwargs = baselines.MODELS[label]
+    net = timm.create_model(name, pretrained=False, **{**kwargs, **overrides}).eval()
+    for module in net.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return net
+
+
+def counted(fn, *args) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("label,kwargs,batch", [
+    ("vit_test", {}, 3),
+    ("deit_small", {}, 1),
+    ("swin_test", {}, 2),  # 18x18 tokens: padded windows
+    ("swin_tiny", {}, 1),
+])
+def test_dense_flops_match_flop_counter(label, kwargs, batch):
+    net = unfused(label, **kwargs)
+    images = torch.randn(batch, 3, *net.patch_embed.img_size)
+    expected = counted(net, images)
+    count = flops.swin(net, batch) if label.startswith("swin") else flops.vit(net, batch)
+    assert count == expected
+
+
+def test_sparse_swin_flops_match_flop_counter():
+    net = unfused("swin_test", img_size=56)  # 14x14 tokens: no padding, so the MLP count is exact
+    images = torch.randn(2, 3, 56, 56)
+    kept = baselines.swin_kept_windows(net, [0.5, 0.0, 0.25, 0.0, 0.5, 0.5, 0.0, 0.0])
+    assert kept[0] < flops.swin_windows(net.layers[0].blocks[0])[0]
+    assert counted(baselines.sparsevit_forward, net, images, kept) == flops.swin(net, 2, kept)
+
+
+def test_evit_schedule_compounds_the_keep_rate():
+    kept = [5, 3]
+    schedule = flops.evit_schedule(9, 4, (1, 2), kept, num_prefix=1)
+    assert schedule == [(9, 9), (9, 6), (6, 4), (4, 4)]
+    net = unfused("vit_test")
+    dense = flops.vit(net, 2)
+    N = net.patch_embed.num_patches + 1
+    sparse = flops.vit(net, 2, [flops.evit_schedule(N, 4, (1, 2, 3), [8, 4, 2])] * 2)
+    assert dense > sparse > 0
+
+
+# ------------------------------------------------------------------ naive baselines
+def test_naive_vit_at_zero_sparsity_equals_dense():
+    torch.manual_seed(0)
+    net = baselines.model("vit_test", "cpu", torch.float32, None)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        dense = net(images)
+        assert torch.equal(baselines.evit_forward(net, images, keep_rate=1.0, layers=(1, 2)), dense)
+        # mass 1 keeps every token but runs the adaptive path: pruning blocks, padding, masks
+        adaptive = baselines.evit_forward(net, images, mass=1.0, layers=(1, 2))
+    torch.testing.assert_close(adaptive, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_naive_vit_prune_block_keeps_the_dense_rows():
+    """With keep rate r the block's output rows are the dense block's rows of the kept tokens
+    (the MLP is per token); the count is ceil(r * candidates)."""
+    torch.manual_seed(0)
+    net = baselines.model("vit_test", "cpu", torch.float32, None)
+    block = net.blocks[1]
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        dense = block(x)
+        out, key_mask, kept = baselines.evit_prune_block(block, x, 1, keep_rate=0.5)
+    assert key_mask is None and kept == 8 and out.shape == (2, 9, 32)
+    torch.testing.assert_close(out[:, 0], dense[:, 0])
+    for b in range(2):
+        distance, nearest = torch.cdist(out[b, 1:], dense[b, 1:]).min(dim=1)
+        assert distance.max() < 1e-4 and len(set(nearest.tolist())) == 8
+
+
+def test_naive_vit_padding_matches_one_image_at_a_time():
+    """The adaptive mode pads the batch to its largest count: masking must make every image's
+    result what it is alone."""
+    torch.manual_seed(0)
+    net = unfused("vit_test")
+    for block in net.blocks:  # sharper attention than at initialisation: the counts differ per image
+        block.attn.qkv.weight.data *= 10
+    images = torch.randn(4, 3, 32, 32)
+    counts = []
+    with torch.no_grad():
+        batched = baselines.evit_forward(net, images, mass=0.6, layers=(1, 2), counts=counts)
+        alone = torch.cat([baselines.evit_forward(net, images[b : b + 1], mass=0.6, layers=(1, 2)) for b in range(4)])
+    assert all(len(set(c)) > 1 for c in counts)  # the images do keep different counts
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_naive_swin_block_equals_dense_on_kept_windows(stage):
+    """Kept windows get the dense block's output (attention stays inside a window, the MLP is
+    per token), pruned windows pass through; all windows kept = the dense block."""
+    torch.manual_seed(0)
+    net = baselines.model("swin_test", "cpu", torch.float32, None)
+    for block in net.layers[stage].blocks:  # unshifted and shifted, padded frames
+        H, W = block.input_resolution
+        x = torch.randn(2, H, W, block.dim)
+        windows = flops.swin_windows(block)[0]
+        ws, shift = block.window_size, block.shift_size
+        with torch.no_grad():
+            dense = block(x)
+            torch.testing.assert_close(baselines.sparsevit_block(block, x, windows), dense)
+            kept = sparse_ops.select_windows(sparse_ops.window_scores(x, ws, shift), windows // 2)
+            expected = reference.scatter_windows(reference.gather_windows(dense, kept, ws, shift), x, kept, ws, shift)
+            torch.testing.assert_close(baselines.sparsevit_block(block, x, windows // 2), expected)
+
+
+# --------------------------------------------------------------------- whole runs
+SMOKE = "ops/gather_tokens,varlen/vit_test/b2/fwd+bwd,blocks/swin_test,models/vit_test/b2/keep"
+
+
+def read_results(out):
+    data = json.loads((out / "results.json").read_text())
+    return data, {r["name"]: r for r in data["cases"]}, (out / "results.md").read_text()
+
+
+def test_quick_run_writes_results_tables_and_plots(tmp_path, capsys):
+    assert main(["--quick", "--case", SMOKE, "--out", str(tmp_path)]) == 0
+    data, records, markdown = read_results(tmp_path)
+    assert capsys.readouterr().out == markdown  # the terminal shows what results.md holds
+
+    env = data["environment"]
+    assert data["schema_version"] == 1
+    assert env["device_type"] == "cpu" and env["dtype"] == "float32" and env["torch"] == torch.__version__
+    assert env["timm"] == timm.__version__ and env["git_commit"] and "--quick" in env["command"]
+    assert sorted(records) == sorted([
+        "ops/gather_tokens/2x17x16/s0.5", "attention/varlen/vit_test/b2/fwd+bwd",
+        "blocks/swin_test/b1/stage0/s0.0", "blocks/swin_test/b1/stage0/s0.5",
+        "models/vit_test/b2/keep1.0", "models/vit_test/b2/keep0.5"])
+    for name, r in records.items():
+        assert r["error"] is None, r["error"]
+        assert r["methods"][r["baseline"]]["speedup"] == 1.0
+        for method, m in r["methods"].items():
+            assert m["status"] in ("ok", "unavailable"), (name, method, m)
+            if m["status"] == "ok":
+                assert 0 < m["min_s"] <= m["q25_s"] <= m["median_s"] <= m["q75_s"] <= m["max_s"]
+                assert m["rounds"] == 3 and m["peak_mem_bytes"] is None  # CPU: no peak memory
+        assert f"| {name.split('/', 1)[1]} |" in markdown
+
+    ops = records["ops/gather_tokens/2x17x16/s0.5"]
+    assert ops["bytes"] > 0 and ops["ideal_speedup"] is None
+    assert ops["methods"]["copy"]["pct_of_copy"] == 100.0 and ops["methods"]["ours"]["gbps"] > 0
+    model = records["models/vit_test/b2/keep0.5"]
+    assert model["ideal_speedup"] == pytest.approx(model["flops"]["dense"] / model["flops"]["sparse"])
+    assert model["ideal_speedup"] > 1 and 0 < model["sparsity"] < 1
+    naive = model["methods"]["naive"]
+    assert naive["efficiency"] == pytest.approx(naive["speedup"] / model["ideal_speedup"])
+    assert model["methods"]["ours"]["status"] == "unavailable"  # until sparse_ops.patch lands
+
+    plots = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert plots == ["speedup_blocks_swin_test_b1_stage0.png", "speedup_models_vit_test_b2.png"]
+    for name in plots:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in markdown
+
+
+def test_ours_lights_up_when_the_ops_land(tmp_path, monkeypatch):
+    """The 'ours' columns call sparse_ops.varlen_attention and sparse_ops.patch as soon as
+    they exist (stood in for here by the reference and an identity patch)."""
+    monkeypatch.setattr(sparse_ops, "varlen_attention", reference.varlen_attention, raising=False)
+    patch = types.ModuleType("sparse_ops.patch")
+    patch.vit = lambda net, keep_rate=1.0, mass=None, prune_layers=None, package=False: net
+    monkeypatch.setitem(sys.modules, "sparse_ops.patch", patch)
+    main(["--quick", "--case", "varlen/vit_test/b2/fwd,models/vit_test/b2/keep0.5", "--out", str(tmp_path)])
+    _, records, _ = read_results(tmp_path)
+    varlen = records["attention/varlen/vit_test/b2/fwd"]
+    assert varlen["methods"]["ours"]["status"] == varlen["methods"]["ours+cls"]["status"] == "ok"
+    assert varlen["overheads"]["cls_attn"] is not None
+    assert records["models/vit_test/b2/keep0.5"]["methods"]["ours"]["status"] == "ok"
+
+
+def test_a_failing_case_is_reported_and_the_rest_run(tmp_path, monkeypatch):
+    def broken_build():
+        raise RuntimeError("cannot build")
+
+    def broken_method():
+        raise ValueError("bad method")
+
+    x = torch.randn(64)
+    working = Setup({"dense": x.clone, "naive": broken_method, "ours": Unavailable("not yet"),
+                     "ours+cls": KeyError("failed to build")})
+    suite = types.ModuleType("fake", "fake: a suite of test cases.")
+    suite.NAME, suite.MEMORY_BOUND, suite.X_LABEL = "fake", False, "x"
+    suite.cases = lambda cfg: [Case("fake", "fake/broken", "g", {}, broken_build),
+                               Case("fake", "fake/working", "g", {}, lambda: working)]
+    monkeypatch.setitem(SUITES, "fake", suite)
+    assert main(["--quick", "--suite", "fake", "--out", str(tmp_path)]) == 0
+    _, records, markdown = read_results(tmp_path)
+    assert records["fake/broken"]["error"]["error"] == "RuntimeError: cannot build"
+    methods = records["fake/working"]["methods"]
+    assert methods["dense"]["status"] == "ok"
+    assert methods["naive"] == {**methods["naive"], "status": "error", "error": "ValueError: bad method"}
+    assert methods["ours"] == {"status": "unavailable", "reason": "not yet"}
+    assert methods["ours+cls"]["error"] == "KeyError: 'failed to build'"
+    assert "error: RuntimeError: cannot build" in markdown and "error: ValueError: bad method" in markdown
+
+
+def test_help_lists_suites_and_cases(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for name in SUITES:
+        assert f"\n  {name}: " in text
+    assert "models/" not in text and "deit_small" in text and "--case" in text
+    main(["--quick", "--list", "--suite", "models", "--case", "swin"])
+    assert capsys.readouterr().out.split() == ["models/swin_test/b1/s0.0", "models/swin_test/b1/s0.5"]
