@@ -61,7 +61,7 @@ def parse_args(argv):
                         help="add torch.compile of the dense and naive baselines (default: on cuda only)")
     parser.add_argument("--list", action="store_true", help="print the names of the selected cases and exit")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.list:  # listing needs no GPU
         parser.error("--device cuda: no CUDA device")
     unknown = set(args.suite.split(",")) - set(SUITES)
     if unknown:

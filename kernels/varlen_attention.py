@@ -40,11 +40,14 @@ _KEY = ["head_dim", "seq_bucket"]
 
 
 @triton.jit
-def _sequence(cu_seqlens):
-    """(first row, length) of the sequence this program works on (program axis 2)."""
+def _sequence(cu_seqlens, total_tokens):
+    """(first row, length) of the sequence this program works on (program axis 2), clamped to
+    the T rows so that a cu_seqlens left unchecked (no_index_checks) cannot send a program out
+    of bounds. Rows past max_seqlen are not covered by the grid: they are left unwritten."""
     seq = tl.program_id(2)
-    start = tl.load(cu_seqlens + seq)
-    return start.to(tl.int64), tl.load(cu_seqlens + seq + 1) - start
+    start = tl.minimum(tl.maximum(tl.load(cu_seqlens + seq), 0), total_tokens)
+    end = tl.minimum(tl.maximum(tl.load(cu_seqlens + seq + 1), start), total_tokens)
+    return start.to(tl.int64), end - start
 
 
 @triton.autotune(_configs((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)), key=_KEY)
@@ -57,7 +60,7 @@ def _forward_kernel(
     RETURN_CLS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     m_block, head = tl.program_id(0), tl.program_id(1)
-    start, length = _sequence(cu_seqlens)
+    start, length = _sequence(cu_seqlens, total_tokens)
     if m_block * BLOCK_M >= length:
         return
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -111,7 +114,7 @@ def _backward_dq_kernel(
 ):
     """dQ for one query block, and delta = rowsum(dO * O) of its rows for the dK/dV kernel."""
     m_block, head = tl.program_id(0), tl.program_id(1)
-    start, length = _sequence(cu_seqlens)
+    start, length = _sequence(cu_seqlens, total_tokens)
     if m_block * BLOCK_M >= length:
         return
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,7 +159,7 @@ def _backward_dkdv_kernel(
     """dK and dV for one key block (program axis 0), looping over the sequence's queries;
     scores are computed transposed ([keys, queries]) so no tile needs a transpose after."""
     n_block, head = tl.program_id(0), tl.program_id(1)
-    start, length = _sequence(cu_seqlens)
+    start, length = _sequence(cu_seqlens, total_tokens)
     if n_block * BLOCK_N >= length:
         return
     keys = n_block * BLOCK_N + tl.arange(0, BLOCK_N)

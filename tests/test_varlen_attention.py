@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sparse_ops
 from sparse_ops import reference
 from sparse_ops.attention.varlen import varlen_attention
 from conftest import assert_close_to_reference, with_grad
@@ -111,6 +112,26 @@ def test_empty(path, device, lengths):
     torch.testing.assert_close(out, expected_out)
     torch.testing.assert_close(cls_attn, expected_cls)
     assert qg.grad.shape == kg.grad.shape == vg.grad.shape == q.shape
+
+
+# (cu_seqlens, rows of a first sequence that no other overlaps): past T, decreasing, negative.
+UNCHECKED = [([0, 4, 5000], 4), ([0, 4, 2, 10], 0), ([-100, 4, 10], 0)]
+
+
+@pytest.mark.parametrize("bounds,intact", UNCHECKED, ids=["past-T", "decreasing", "negative"])
+def test_unchecked_cu_seqlens_stay_in_bounds(path, device, bounds, intact):
+    """Under no_index_checks a bad cu_seqlens gives meaningless rows, never an access outside
+    q, k, v or the outputs (the kernels clamp each sequence to the T rows); a sequence it
+    describes correctly is still right."""
+    q, k, v, _, _ = packed_inputs([10], 2, 16, torch.float32, device)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    with sparse_ops.no_index_checks():
+        out, cls_attn = varlen_attention(*with_grad(q, k, v), cu, 10, return_cls_attn=True)
+        out.sum().backward()
+    assert out.shape == q.shape and cls_attn.shape == (10,)
+    if intact:
+        first = reference.varlen_attention(q[:intact], k[:intact], v[:intact], cu[:2], intact)
+        torch.testing.assert_close(out[:intact], first)
 
 
 def test_gradcheck_float64():
