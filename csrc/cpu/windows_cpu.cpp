@@ -54,8 +54,17 @@ at::Tensor window_scores_cpu(const at::Tensor& x, at::IntArrayRef window_size, a
           const int64_t off = f.token_offset(i % nw, p);
           if (off < 0) continue;  // padding tokens are zeros
           const scalar_t* row = in + ((i / nw) * image + off) * cols;
+          // Independent partial sums: one serial sum is bound by the add latency and cannot
+          // vectorise (float addition does not reassociate).
+          constexpr int kLanes = 8;
+          acc_t partial[kLanes] = {};
+          int64_t c = 0;
+          for (; c + kLanes <= cols; c += kLanes) {
+            for (int l = 0; l < kLanes; ++l) partial[l] += std::abs(static_cast<acc_t>(row[c + l]));
+          }
+          for (; c < cols; ++c) partial[0] += std::abs(static_cast<acc_t>(row[c]));
           acc_t m = 0;
-          for (int64_t c = 0; c < cols; ++c) m += std::abs(static_cast<acc_t>(row[c]));
+          for (int l = 0; l < kLanes; ++l) m += partial[l];
           m /= cols;
           sum_sq += m * m;
         }
