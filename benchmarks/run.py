@@ -39,7 +39,7 @@ def _metrics(name: str, t: Timing, base: Optional[float], ideal: Optional[float]
         "rounds": t.rounds, "first_call_s": t.first_call, "peak_mem_bytes": t.peak_mem, "speedup": speedup,
         "efficiency": _ratio(speedup, ideal) if name in SPARSE_METHODS else None,
         "gbps": nbytes / t.median / 1e9 if nbytes else None,
-        "pct_of_copy": 100 * copy / t.median if nbytes and copy else None,
+        "pct_of_copy": 100 * (copy / t.median) if nbytes and copy else None,  # exactly 100 for the copy
     }
 
 
