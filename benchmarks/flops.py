@@ -67,17 +67,21 @@ def swin_windows(block) -> Tuple[int, int]:
     return math.ceil(H / wh) * math.ceil(W / ww), wh * ww
 
 
+def swin_attention(block, kept_windows: float) -> float:
+    """One image through a SwinTransformerBlock's window attention (qkv, attention, proj) on
+    kept_windows whole windows (padding included, as timm does)."""
+    area = swin_windows(block)[1]
+    attn_tokens, attn_dim = kept_windows * area, block.attn.qkv.out_features // 3
+    return 2 * attn_tokens * _weights(block.attn) + attention_core(attn_tokens, area, attn_dim)
+
+
 def swin_block(block, kept_windows: Optional[float] = None) -> float:
     """One image through a SwinTransformerBlock keeping kept_windows windows (default all):
-    attention on whole windows (padding included, as timm does), the MLP on the tokens of the
-    kept windows (H * W * kept / windows)."""
-    windows, area = swin_windows(block)
+    the attention on those windows, the MLP on their tokens (H * W * kept / windows)."""
+    windows = swin_windows(block)[0]
     kept = windows if kept_windows is None else kept_windows
     H, W = block.input_resolution
-    attn_tokens, mlp_tokens = kept * area, H * W * kept / windows
-    attn_dim = block.attn.qkv.out_features // 3
-    return (2 * attn_tokens * _weights(block.attn) + attention_core(attn_tokens, area, attn_dim)
-            + 2 * mlp_tokens * _weights(block.mlp))
+    return swin_attention(block, kept) + 2 * (H * W * kept / windows) * _weights(block.mlp)
 
 
 def swin(model, batch: int, kept_windows: Optional[Sequence[float]] = None) -> float:

@@ -33,7 +33,8 @@ def _cell(text: str) -> str:
 
 
 def header(env: dict) -> str:
-    kernels = ", ".join(f"{op} {b[env['device_type']]}" for op, b in env["backends"].items() if b["cpu"] != "torch")
+    device = env["device_type"]  # ops that run stock torch ops on this device are not listed
+    kernels = ", ".join(f"{op} {b[device]}" for op, b in env["backends"].items() if b[device] != "torch")
     return (f"# sparse_ops benchmarks — {env['device']}, {env['dtype']}\n\n"
             f"`{env['command']}` on {env['date']}; commit {env['git_commit'][:12]}"
             f"{' (uncommitted changes)' if env['git_dirty'] else ''}; torch {env['torch']}, triton {env['triton']}, "

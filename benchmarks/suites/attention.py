@@ -106,11 +106,9 @@ def _window(cfg: Config, model: str, img_size: int, stage: int, batch: int, spar
     methods = {"dense": _timed(lambda t: attn(t, mask=mask), [x_all], backward),
                "naive": _timed(lambda t: attn(t, mask=kept_mask), [x_kept], backward)}
     methods["ours"] = _timed(lambda t: ours_window_attention(attn, t, ids, mask), [x_kept], backward)
-    per_window = 2 * area * sum(m.in_features * m.out_features for m in (attn.qkv, attn.proj))
-    per_window += flops.attention_core(area, area, attn.qkv.out_features // 3)
     scale = 1 + BACKWARD_FLOPS * backward
-    return Setup(compiled(methods, cfg), flops=(scale * batch * windows * per_window, scale * batch * K * per_window),
-                 sparsity=1 - K / windows, grad=backward)
+    dense, sparse = (scale * batch * flops.swin_attention(block, kept) for kept in (windows, K))
+    return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - K / windows, grad=backward)
 
 
 def cases(cfg: Config):
