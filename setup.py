@@ -56,10 +56,11 @@ setup(
     name="sparse_ops",
     version="0.1.0",
     description="CUDA and Triton kernels that turn token and window pruning in vision transformers into wall-clock speed",
-    packages=["sparse_ops", "sparse_ops.kernels"],
+    packages=["sparse_ops", "sparse_ops.attention", "sparse_ops.nn", "sparse_ops.kernels"],
     package_dir={"sparse_ops": "sparse_ops", "sparse_ops.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": NinjaBuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    extras_require={"timm": ["timm>=1.0"]},  # sparse_ops.nn and sparse_ops.patch
 )

@@ -4,6 +4,7 @@ vision transformers into wall-clock speed. Everything sparse is a list of rows o
 from ._backend import backends
 from ._checks import no_index_checks
 from .attention import varlen_attention, window_attention
+from .fused import gather_layernorm_linear, linear_residual_scatter
 from .layout import TokenIndex, window_grid
 from .ops import (
     gather_rows,
@@ -21,9 +22,16 @@ from .select import select_tokens, select_windows
 
 __version__ = "0.1.0"
 
+
+def set_sparsity(model, keep_rate=None, mass=None, ratios=None):
+    """sparse_ops.patch.set_sparsity (imported on use: sparse_ops.patch needs timm)."""
+    from .patch import set_sparsity as set_model_sparsity
+
+    return set_model_sparsity(model, keep_rate=keep_rate, mass=mass, ratios=ratios)
+
 __all__ = [
-    "TokenIndex", "backends", "gather_rows", "gather_tokens", "gather_windows", "no_index_checks",
+    "TokenIndex", "backends", "gather_layernorm_linear", "gather_rows", "gather_tokens", "gather_windows", "linear_residual_scatter", "no_index_checks",
     "package_tokens", "scatter_add_rows", "scatter_rows", "scatter_tokens", "scatter_windows",
-    "select_tokens", "select_windows", "varlen_attention", "window_attention", "window_grid", "window_rows",
+    "select_tokens", "select_windows", "set_sparsity", "varlen_attention", "window_attention", "window_grid", "window_rows",
     "window_scores",
 ]

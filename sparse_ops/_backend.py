@@ -22,8 +22,10 @@ COMPOSITE_OPS = (
     "gather_tokens", "scatter_tokens", "package_tokens", "select_tokens",
     "select_windows", "gather_windows", "scatter_windows",
 )
-# Triton kernels with a plain-PyTorch path (sparse_ops/attention/_dispatch.py).
-TRITON_OPS = ("varlen_attention", "window_attention")
+# Ops with Triton kernels and a plain-PyTorch path (sparse_ops/attention/_dispatch.py), and
+# the module of sparse_ops.kernels that holds each one's kernels.
+TRITON_OPS = {"varlen_attention": "varlen_attention", "window_attention": "window_attention",
+              "gather_layernorm_linear": "fused_linear", "linear_residual_scatter": "fused_linear"}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -65,7 +67,7 @@ def backends() -> dict:
     compiled kernels, 'reference' for the plain-PyTorch fallback, 'torch' for ops built
     from other sparse_ops ops and stock torch ops (and for the attention ops where their
     Triton kernels do not run), 'triton' (on the CPU: 'triton (interpreter)', under
-    TRITON_INTERPRET=1) for the attention kernels. float64 attention always runs 'torch'."""
+    TRITON_INTERPRET=1) for the attention kernels and the fused GEMMs. float64 attention always runs 'torch'."""
     table = {
         name: {device: (key if device == "cuda" else "C++") if has_kernel(name, device) else "reference"
                for device, key in _DISPATCH_KEYS.items()}

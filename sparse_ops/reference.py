@@ -177,3 +177,20 @@ def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None):
     if mask is not None:
         s = s + mask[window_ids].unsqueeze(1).to(s.dtype)
     return torch.softmax(s, dim=-1) @ v
+
+
+# ------------------------------------------------------------ fused GEMM prologue / epilogue
+def gather_layernorm_linear(x, rows, norm_weight, norm_bias, weight, bias=None, eps=1e-5):
+    xg = x if rows is None else gather_rows(x, rows)
+    if norm_weight is not None:
+        xg = F.layer_norm(xg, (x.shape[1],), norm_weight, norm_bias, eps)
+        if rows is not None:
+            xg = xg * (rows >= 0).unsqueeze(1).to(xg.dtype)  # padding rows are zero after the norm
+    return F.linear(xg, weight, bias)
+
+
+def linear_residual_scatter(h, weight, bias, base, rows, residual=None):
+    if rows is None:
+        rows = torch.arange(base.shape[0], device=base.device)
+    y = F.linear(h, weight, bias) + (residual if residual is not None else gather_rows(base, rows))
+    return scatter_rows(y, rows, base)

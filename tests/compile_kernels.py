@@ -11,20 +11,26 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sparse_ops.kernels import varlen_attention, window_attention
+from sparse_ops.kernels import fused_linear, varlen_attention, window_attention
+from sparse_ops.kernels._common import dot_precision
 
 # The most shared memory one block may opt in to: 227 KiB on sm_90 (H100 / H200).
 MAX_SHARED = {90: 227 * 1024}
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-ACTIVATIONS = {"q", "k", "v", "out", "dout", "dq", "dk", "dv"}  # pointers in the inputs' dtype
-FLOAT32 = {"lse", "cls_heads", "delta", "bias", "mask", "dbias"}  # pointers to float32
-SCALARS = {"qk_scale": "fp32", "scale": "fp32", "cu_seqlens": "*i32", "window_ids": "*i64"}
+ACTIVATIONS = {"q", "k", "v", "out", "dout", "dq", "dk", "dv",  # pointers in the inputs' dtype
+               "x", "h", "weight", "residual", "ln_weight", "ln_bias", "dxn", "xn", "dx"}
+FLOAT32 = {"lse", "cls_heads", "delta", "bias", "mask", "dbias", "mean", "rstd", "partials"}  # pointers to float32
+SCALARS = {"qk_scale": "fp32", "scale": "fp32", "eps": "fp32", "cu_seqlens": "*i32", "window_ids": "*i64",
+           "rows": "*i64"}
 
 
-def signature(fn, dtype, constexprs):
+def signature(fn, dtype, constexprs, types=None):
+    """Triton types of fn's arguments by name; types overrides that for this kernel."""
     def kind(name):
         if name in constexprs:
             return "constexpr"
+        if types and name in types:
+            return types[name]
         if name in ACTIVATIONS:
             return "*" + TRITON_DTYPES[dtype]
         if name in FLOAT32:
@@ -33,13 +39,20 @@ def signature(fn, dtype, constexprs):
     return {name: kind(name) for name in fn.arg_names}
 
 
-def compile_configs(label, autotuner, dtype, constexprs, target):
-    fn = autotuner.fn
+def compile_configs(label, autotuner, dtype, constexprs, target, types=None, configs=None, divisible=()):
+    """Every config of an autotuned kernel, or of a plain triton.jit kernel the given configs.
+    divisible: arguments a launch would see as multiples of 16 (aligned pointers, strides and
+    sizes), as triton specializes them; it decides whether loads are vectorized and pipelined."""
+    fn = autotuner.fn if configs is None else autotuner
     # float32 dots take minutes to compile over all configs: there, only the first (smallest)
-    configs = autotuner.configs[:1] if dtype == torch.float32 else autotuner.configs
+    if configs is None:
+        configs = autotuner.configs[:1] if dtype == torch.float32 else autotuner.configs
     for config in configs:
         values = {k: v for k, v in {**constexprs, **config.kwargs}.items() if k in fn.arg_names}
-        source = ASTSource(fn, signature(fn, dtype, values), {(fn.arg_names.index(k),): v for k, v in values.items()})
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in divisible
+                 if k in fn.arg_names and k not in values}
+        source = ASTSource(fn, signature(fn, dtype, values, types),
+                           {(fn.arg_names.index(k),): v for k, v in values.items()}, attrs)
         kernel = triton.compile(source, target=target,
                                 options={"num_warps": config.num_warps, "num_stages": config.num_stages})
         shared = kernel.metadata.shared
@@ -66,6 +79,29 @@ def main(arch: str = "90", dtype: str = "bf16"):
         for name in ("_forward_kernel", "_backward_kernel"):
             compile_configs(f"window_attention.{name} n={n} D={head_dim}", getattr(window_attention, name), dtype,
                             constexprs, target)
+    # The fused GEMMs with every fusion on (and the prologue without LayerNorm: a plain gathered
+    # GEMM), as a ViT / Swin layer launches them: W [N, C] contiguous (stride_wk = 1 is
+    # specialized), aligned pointers, strides and sizes multiples of 16 (the row count R is
+    # not). Their bias is in the activations' dtype.
+    for dtype in dtypes:
+        gemm = dict(UPCAST=False, DOT_PRECISION=dot_precision(dtype), HAS_ROWS=True, HAS_BIAS=True, stride_wk=1)
+        types = {"bias": "*" + TRITON_DTYPES[dtype]}
+        aligned = ("x", "h", "rows", "mean", "rstd", "ln_weight", "ln_bias", "weight", "bias", "residual", "out",
+                   "C", "K", "N", "stride_xr", "stride_hr", "stride_wn", "stride_resr")
+        for ln in (True, False):
+            compile_configs(f"fused_linear._ln_linear_kernel{'' if ln else ' no-ln'}", fused_linear._ln_linear_kernel,
+                            dtype, dict(gemm, HAS_LN=ln), target, types, divisible=aligned)
+        compile_configs("fused_linear._linear_scatter_kernel", fused_linear._linear_scatter_kernel, dtype,
+                        dict(gemm, HAS_RESIDUAL=True), target, types, divisible=aligned)
+    # The LayerNorm row kernels hold whole rows: ViT-S / Swin-T stage 3, ViT-B / Swin-B stage 4,
+    # Swin-L stage 4.
+    for dtype, width in itertools.product(dtypes, (384, 768, 1536)):
+        blocks = fused_linear._row_blocks(width)
+        configs = [triton.Config({}, num_warps=blocks.pop("num_warps"))]
+        flags = dict(HAS_ROWS=True, WRITE_XN=True, WRITE_DX=True, PARTIALS=True)
+        for name in ("_row_stats_kernel", "_ln_backward_rows_kernel"):
+            compile_configs(f"fused_linear.{name} C={width}", getattr(fused_linear, name), dtype,
+                            dict(blocks, **flags), target, configs=configs)
 
 
 if __name__ == "__main__":

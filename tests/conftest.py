@@ -37,12 +37,12 @@ def assert_close_to_reference(out, ref_low, ref_high, atol=1e-6):
 
 @pytest.fixture(params=["triton", "torch"])
 def path(request, monkeypatch):
-    """Forces one implementation of the attention ops: the Triton kernels (which must import)
+    """Forces one implementation of the Triton-backed ops: the Triton kernels (which must import)
     or plain PyTorch."""
     from sparse_ops.attention import _dispatch
 
     if request.param == "triton":
-        for name in ("varlen_attention", "window_attention"):
+        for name in ("varlen_attention", "window_attention", "fused_linear"):
             assert _dispatch.triton_kernels(name) is not None, f"sparse_ops.kernels.{name} failed to import"
     monkeypatch.setattr(_dispatch, "use_triton", lambda name, q: request.param == "triton")
     return request.param

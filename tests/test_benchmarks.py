@@ -172,7 +172,7 @@ def test_quick_run_writes_results_tables_and_plots(tmp_path, capsys):
     assert model["ideal_speedup"] > 1 and 0 < model["sparsity"] < 1
     naive = model["methods"]["naive"]
     assert naive["efficiency"] == pytest.approx(naive["speedup"] / model["ideal_speedup"])
-    assert model["methods"]["ours"]["status"] == "unavailable"  # until sparse_ops.patch lands
+    assert model["methods"]["ours"]["status"] == "ok"  # sparse_ops.patch.vit
 
     plots = sorted(p.name for p in tmp_path.glob("*.png"))
     assert plots == ["speedup_blocks_swin_test_b1_stage0.png", "speedup_models_vit_test_b2.png"]

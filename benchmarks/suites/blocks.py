@@ -3,7 +3,8 @@
   197-token inputs, at each keep rate.
   dense = the timm Block on all tokens; naive = EViT (the class token's attention row
   computed explicitly, top tokens gathered, the MLP on those); ours = the same block of
-  sparse_ops.patch.vit(model, keep_rate=r).
+  sparse_ops.patch.vit(model, keep_rate=r) on the tokens and class attention the block before
+  hands it (SaiT: it prunes at entry, so attention and MLP both run on the kept tokens).
 - Swin-T at 672x672, batch 4 (CPU: 224, batch 1, stages 0 and 2): the last (shifted) block of
   each stage at each window sparsity.
   dense = the timm SwinTransformerBlock; naive = SparseViT (roll, pad, partition, top windows
@@ -29,8 +30,11 @@ def _vit(cfg: Config, model: str, batch: int, keep_rate: float) -> Setup:
     N = net.patch_embed.num_patches + prefix
     x = torch.randn(batch, N, net.embed_dim, device=cfg.device, dtype=cfg.dtype)
     ours = guarded(lambda: baselines.patched("vit", net, keep_rate=keep_rate, prune_layers=layers, package=False))
+    if callable(ours):  # the block gets what the block before it hands on: tokens and class attention
+        from sparse_ops.nn import Tokens
+        tokens = Tokens.from_dense(x, cls_attn=torch.rand(batch, N, device=cfg.device).softmax(-1))
     methods = {"dense": lambda: block(x), "naive": lambda: baselines.evit_prune_block(block, x, prefix, keep_rate)[0],
-               "ours": ours if not callable(ours) else (lambda: ours.blocks[layers[0]](x))}
+               "ours": ours if not callable(ours) else (lambda: ours.blocks[layers[0]](tokens))}
     kept = prefix + kept_count(keep_rate, N - prefix)
     dense, sparse = (batch * flops.vit_block(block, N, n) for n in (N, kept))
     return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)

@@ -1,0 +1,31 @@
+"""What the sparse ViT and Swin blocks share: the unchecked op calls (the blocks build their
+own indices, so the boundary's value checks, which synchronise on CUDA, are skipped), and
+stochastic depth over packed rows."""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .._backend import kernel
+from ..fused import _ln_linear_op
+
+
+def norm_linear(x: Tensor, rows: Optional[Tensor], norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
+    """linear(norm(x[rows])) through the fused GEMM prologue."""
+    return _ln_linear_op(x, rows, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)[0]
+
+
+def gather(x: Tensor, rows: Optional[Tensor]) -> Tensor:
+    return x if rows is None else kernel("gather_rows", x.device.type)(x, rows)
+
+
+def drop_path(module: nn.Module, x: Tensor, sample_of_row: Tensor, batch_size: int) -> Tensor:
+    """timm's DropPath (one draw per image) applied to packed rows; sample_of_row [R] says
+    which image each row belongs to."""
+    p = getattr(module, "drop_prob", 0.0)
+    if isinstance(module, nn.Identity) or not module.training or p == 0.0:
+        return x
+    keep = x.new_empty(batch_size).bernoulli_(1.0 - p)
+    if getattr(module, "scale_by_keep", True):
+        keep = keep / (1.0 - p)
+    return x * keep[sample_of_row].unsqueeze(1)

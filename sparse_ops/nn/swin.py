@@ -1,0 +1,102 @@
+"""Window pruning in timm Swin blocks (SparseViT-style): a block with sparsity s keeps the
+ceil((1 - s) * nW) windows of its (shifted) window grid with the largest activation norm and
+runs attention and MLP on their rows only; pruned windows pass through unchanged.
+
+A block is, on packed rows: one fused gather + LayerNorm + qkv GEMM, window attention with
+the relative-position bias and the shift mask looked up by window id, proj + residual, the
+MLP, and one fused fc2 + residual + scatter into the output. Nothing dense is rolled, padded
+or partitioned. A stage scores windows once, on its input, per window grid (shift); its
+blocks keep nested prefixes of that ranking.
+"""
+from typing import Optional
+
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerStage
+from torch import Tensor, nn
+
+from .._backend import kernel
+from ..attention import window as _window
+from ..fused import linear_residual_scatter
+from ..layout import window_grid
+from ..select import kept_count
+from ._common import drop_path, gather, norm_linear
+
+
+class SparseSwinBlock(SwinTransformerBlock):
+    """timm's SwinTransformerBlock (same parameters) pruning a fraction `sparsity` of its
+    windows (set by sparse_ops.patch.swin / set_sparsity; 0 runs timm's dense forward)."""
+    sparsity: float = 0.0
+
+    def num_windows(self, height: int, width: int) -> int:
+        gh, gw = window_grid(height, width, self.window_size)
+        return gh * gw
+
+    def kept_windows(self, height: int, width: int) -> int:
+        total = self.num_windows(height, width)
+        return kept_count(1.0 - self.sparsity, total) if self.sparsity > 0 else total
+
+    def rank_windows(self, x: Tensor, num_keep: int) -> Tensor:
+        """int64 [B, num_keep]: the windows of x [B, H, W, C] with the largest L2 norm of the
+        per-token mean |x| in this block's window grid, best first."""
+        scores = kernel("window_scores", x.device.type)(x, list(self.window_size), list(self.shift_size))
+        return torch.topk(scores, num_keep, dim=1, sorted=True).indices
+
+    def forward(self, x: Tensor, order: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+        """x [B, H, W, C]. order: this block's window ranking [B, >= kept] (a stage passes
+        one for all its blocks), else computed from x. inplace: write into x (a stage does
+        that for tensors it owns when no gradient is needed)."""
+        B, H, W, C = x.shape
+        K = self.kept_windows(H, W)
+        if K == self.num_windows(H, W):
+            return super().forward(x)
+        windows = (self.rank_windows(x, K) if order is None else order[:, :K]).contiguous()
+        rows = kernel("window_rows", x.device.type)(windows, H, W, list(self.window_size), list(self.shift_size))
+        attn, mlp = self.attn, self.mlp
+        x2d = x.reshape(-1, C)
+        M, n = B * K, self.window_area
+        qkv = norm_linear(x2d, rows, self.norm1, attn.qkv).view(M, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        o = _window._forward_op(*qkv.unbind(0), windows.view(-1), attn._get_rel_pos_bias()[0],
+                                self._shift_mask(H, W, x), attn.scale)
+        o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(M * n, -1)))
+        sample = torch.arange(B, device=x.device).repeat_interleave(K * n) if self.training else None
+        y = gather(x2d, rows) + drop_path(self.drop_path1, o, sample, B)
+        h = mlp.norm(mlp.drop1(mlp.act(norm_linear(y, None, self.norm2, mlp.fc1))))
+        if self.training and (not isinstance(self.drop_path2, nn.Identity) or mlp.drop2.p > 0):
+            y = y + drop_path(self.drop_path2, mlp.drop2(mlp.fc2(h)), sample, B)
+            out = kernel("scatter_rows", x.device.type)(y, rows, x2d)
+        else:  # fc2 + residual + scatter in one epilogue
+            out = linear_residual_scatter(h, mlp.fc2.weight, mlp.fc2.bias, x2d, rows, residual=y, inplace=inplace)
+        return out.view(B, H, W, C)
+
+    def _shift_mask(self, height: int, width: int, x: Tensor) -> Optional[Tensor]:
+        if not any(self.shift_size):
+            return None
+        if self.attn_mask is not None and tuple(self.input_resolution) == (height, width):
+            return self.attn_mask
+        gh, gw = window_grid(height, width, self.window_size)
+        frame = x.new_empty(1, gh * self.window_size[0], gw * self.window_size[1], 0)
+        return self.get_attn_mask(frame)
+
+
+class SparseSwinStage(SwinTransformerStage):
+    """timm's SwinTransformerStage whose sparse blocks share one window ranking per window
+    grid, computed on the stage's input, and write in place into the tensors the stage owns
+    when no gradient is needed (pruned windows then cost no memory traffic)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        B, H, W, C = x.shape
+        most, ranker = {}, {}  # per window grid (window, shift): most windows a block keeps
+        for blk in self.blocks:
+            K = blk.kept_windows(H, W)
+            if K < blk.num_windows(H, W):
+                key = (tuple(blk.window_size), tuple(blk.shift_size))
+                most[key], ranker[key] = max(most.get(key, 0), K), blk
+        orders = {key: ranker[key].rank_windows(x, K) for key, K in most.items()}
+        no_grad = not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        owned = not isinstance(self.downsample, nn.Identity)
+        for blk in self.blocks:
+            order = orders.get((tuple(blk.window_size), tuple(blk.shift_size)))
+            x = blk(x, order=order, inplace=owned and no_grad)
+            owned = True  # every block returns a tensor of its own (or the owned one it wrote into)
+        return x

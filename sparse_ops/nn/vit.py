@@ -1,0 +1,191 @@
+"""Token pruning in timm ViT blocks (SaiT-style): a block that prunes keeps the tokens with the
+most class attention in the block before it, and it and every later block run on the kept
+tokens only, packed image after image (per image a different count: never padded).
+
+``Tokens`` is what flows between the blocks of a pruned model: the packed rows plus their
+sequence bounds. A SparseBlock given a plain [B, N, C] tensor is timm's Block, unchanged.
+"""
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor
+
+from ..attention import varlen as _varlen
+from ..layout import TokenIndex
+from ..select import select_tokens
+from ._common import drop_path, gather, norm_linear
+
+
+@dataclass
+class Tokens:
+    """A batch of token sequences packed as rows: image b is rows cu_seqlens[b]:cu_seqlens[b+1]
+    of x [T, C]. seq_len is the common length when every image has it (known without a host
+    sync: no pruning, or a fixed keep rate), else None. cls_attn [T] float32: per token, its
+    class token's attention to it (mean over heads) in the last block, for the next pruning."""
+    x: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+    batch_size: int
+    seq_len: Optional[int]
+    cls_attn: Optional[Tensor] = None
+
+    @classmethod
+    def from_dense(cls, x: Tensor, cls_attn: Optional[Tensor] = None) -> "Tokens":
+        """From [B, N, C] tokens (and optionally [B, N] class attention)."""
+        B, N, C = x.shape
+        cu = torch.arange(B + 1, dtype=torch.int32, device=x.device) * N
+        return cls(x.reshape(B * N, C), cu, N, B, N, None if cls_attn is None else cls_attn.reshape(B * N))
+
+    def dense(self) -> Tensor:
+        """[B, L, C], for equal lengths."""
+        if self.seq_len is None:
+            raise ValueError("Tokens.dense() needs sequences of equal length")
+        return self.x.view(self.batch_size, self.seq_len, self.x.shape[1])
+
+    def sample_of_row(self) -> Tensor:
+        """int64 [T]: the image each row belongs to."""
+        images = torch.arange(self.batch_size, device=self.x.device)
+        if self.seq_len is not None:
+            return images.repeat_interleave(self.seq_len)
+        return images.repeat_interleave(self.cu_seqlens.diff().long(), output_size=self.x.shape[0])
+
+
+class SparseBlock(Block):
+    """timm's ViT Block (same parameters), which on Tokens prunes at its entry when it is a
+    prune layer and returns the class attention when the next block prunes.
+
+    Set by sparse_ops.patch.vit / set_sparsity: keep_rate, mass (None: by keep_rate), package,
+    emit_cls_attn, num_prefix_tokens."""
+    keep_rate: float = 1.0
+    mass: Optional[float] = None
+    package: bool = False
+    emit_cls_attn: bool = False
+    num_prefix_tokens: int = 1
+
+    @property
+    def prunes(self) -> bool:
+        return self.mass is not None or self.keep_rate < 1.0
+
+    def forward(self, x, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        if isinstance(x, Tensor):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        tokens, rows = self._select(x) if self.prunes else (x, None)
+        if rows is None and tokens.seq_len is not None and not self.emit_cls_attn:
+            # Equal lengths and nothing to gather: a packed batch is a dense one.
+            out = super().forward(tokens.dense()).reshape(tokens.x.shape)
+            return replace(tokens, x=out, cls_attn=None)
+        return self._forward_packed(tokens, rows)
+
+    # ----------------------------------------------------------------------- pruning
+    def _select(self, t: Tokens):
+        """-> (Tokens of the kept rows, whose x is still the rows to gather from; rows [T'])."""
+        if t.cls_attn is None:
+            raise ValueError("a pruning SparseBlock needs the class attention of the block before it "
+                             "(Tokens.cls_attn); patch.vit sets that block to return it")
+        B, P = t.batch_size, self.num_prefix_tokens
+        if t.seq_len is not None:
+            idx = self._select_index(t.cls_attn.view(B, t.seq_len))
+            rows = idx.index  # b * L + j is the packed row when every image has L tokens
+        else:  # scores on a [B, max_seqlen] grid, padding positions never kept
+            sample = t.sample_of_row()
+            pos = torch.arange(t.x.shape[0], device=t.x.device) - t.cu_seqlens.long()[sample]
+            grid = t.cls_attn.new_zeros(B, t.max_seqlen).index_put_((sample, pos), t.cls_attn)
+            valid = torch.zeros(B, t.max_seqlen, dtype=torch.bool, device=grid.device).index_put_(
+                (sample, pos), torch.ones_like(pos, dtype=torch.bool))
+            idx = TokenIndex.from_mask(self._select_index(grid).keep_mask() & valid)
+            rows = t.cu_seqlens.long()[idx.index // t.max_seqlen] + idx.index % t.max_seqlen
+        seq_len = idx.max_seqlen if self.mass is None and t.seq_len is not None else None
+        kept = Tokens(t.x, idx.cu_seqlens, idx.max_seqlen, B, seq_len)
+        if self.package:
+            return self._add_package_token(t, kept, rows)
+        return kept, rows
+
+    def _select_index(self, scores: Tensor) -> TokenIndex:
+        if self.mass is not None:
+            return select_tokens(scores, mass=self.mass, keep_prefix=self.num_prefix_tokens)
+        return select_tokens(scores, keep_rate=self.keep_rate, keep_prefix=self.num_prefix_tokens)
+
+    def _add_package_token(self, t: Tokens, kept: Tokens, rows: Tensor):
+        """Appends to each image the mean of its pruned tokens weighted by their class
+        attention (EViT's fused token): one more row per image, gathered from [x; packages]."""
+        B, T = t.batch_size, t.x.shape[0]
+        pruned = torch.ones(T, dtype=t.x.dtype, device=t.x.device).index_fill_(0, rows, 0)
+        w = t.cls_attn.to(t.x.dtype) * pruned
+        sample = t.sample_of_row()
+        total = w.new_zeros(B).index_add_(0, sample, w)
+        packages = t.x.new_zeros(B, t.x.shape[1]).index_add_(0, sample, w.unsqueeze(1) * t.x)
+        packages = packages / total.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1)
+        lengths = kept.cu_seqlens.diff()
+        images = torch.arange(B, device=rows.device)
+        # kept row i of image b moves down by b (the packages before it); image b's package
+        # goes at the end of its sequence.
+        shift = images.repeat_interleave(lengths.long(), output_size=rows.shape[0])
+        new_rows = rows.new_empty(rows.shape[0] + B)
+        new_rows[torch.arange(rows.shape[0], device=rows.device) + shift] = rows
+        new_rows[kept.cu_seqlens[1:].long() + images] = T + images
+        cu = kept.cu_seqlens + torch.arange(B + 1, dtype=torch.int32, device=rows.device)
+        seq_len = None if kept.seq_len is None else kept.seq_len + 1
+        return Tokens(torch.cat([t.x, packages]), cu, kept.max_seqlen + 1, B, seq_len), new_rows
+
+    # --------------------------------------------------------------- packed forward
+    def _forward_packed(self, t: Tokens, rows: Optional[Tensor]) -> Tokens:
+        attn, mlp = self.attn, self.mlp
+        T = t.x.shape[0] if rows is None else rows.shape[0]
+        qkv = norm_linear(t.x, rows, self.norm1, attn.qkv).view(T, 3, attn.num_heads, attn.head_dim)
+        q, k, v = qkv.unbind(1)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        cls_attn = None
+        if self.emit_cls_attn or t.seq_len is None:
+            o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, attn.scale, self.emit_cls_attn)
+        else:  # equal lengths: a dense batch
+            B, L = t.batch_size, t.seq_len
+            o = F.scaled_dot_product_attention(*(z.view(B, L, attn.num_heads, -1).transpose(1, 2) for z in (q, k, v)),
+                                               scale=attn.scale).transpose(1, 2)
+        o = attn.proj_drop(attn.proj(attn.norm(o.reshape(T, -1))))
+        sample = t.sample_of_row() if self.training else None
+        x = gather(t.x, rows) + drop_path(self.drop_path1, self.ls1(o), sample, t.batch_size)
+        h = mlp.norm(mlp.drop1(mlp.act(norm_linear(x, None, self.norm2, mlp.fc1))))
+        x = x + drop_path(self.drop_path2, self.ls2(mlp.drop2(mlp.fc2(h))), sample, t.batch_size)
+        return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len,
+                      cls_attn if self.emit_cls_attn else None)
+
+
+class SparseVisionTransformer(VisionTransformer):
+    """timm's VisionTransformer (same parameters) whose blocks pass Tokens when any of them
+    prunes. forward_features then returns [B, L, C] when every image keeps the same count
+    (a fixed keep rate), else the packed Tokens; forward_head pools either."""
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal or not any(blk.prunes for blk in self.blocks):
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        tokens = Tokens.from_dense(x)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        tokens = replace(tokens, x=self.norm(tokens.x), cls_attn=None)
+        return tokens.dense() if tokens.seq_len is not None else tokens
+
+    def forward_head(self, x, pre_logits: bool = False) -> Tensor:
+        if isinstance(x, Tensor):
+            return super().forward_head(x, pre_logits=pre_logits)
+        x = self.fc_norm(self._pool_packed(x))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
+
+    def _pool_packed(self, t: Tokens) -> Tensor:
+        """timm's 'token' and 'avg' pooling over each image's packed rows."""
+        if self.global_pool == "token":
+            return t.x[t.cu_seqlens[:-1].long()]
+        skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        pos = torch.arange(t.x.shape[0], device=t.x.device)
+        sample = t.sample_of_row()
+        counted = (pos - t.cu_seqlens.long()[sample] >= skip).to(t.x.dtype)
+        sums = t.x.new_zeros(t.batch_size, t.x.shape[1]).index_add_(0, sample, t.x * counted.unsqueeze(1))
+        counts = counted.new_zeros(t.batch_size).index_add_(0, sample, counted)
+        return sums / counts.clamp_min(1).unsqueeze(1)
