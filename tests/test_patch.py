@@ -125,11 +125,13 @@ def test_timm_checkpoints_load_into_patched_models():
 
 # ----------------------------------------------------------------------- whole models
 @pytest.mark.parametrize("mode", [dict(keep_rate=0.5), dict(keep_rate=0.7), dict(mass=0.7)], ids=["r0.5", "r0.7", "m0.7"])
-@pytest.mark.parametrize("config", ["cls", "registers-avg-layerscale"])
-def test_vit_pruned_matches_reference_with_gradients(config, mode):
+@pytest.mark.parametrize("config,checkpointing", [("cls", False), ("registers-avg-layerscale", False), ("cls", True)],
+                         ids=["cls", "registers-avg-layerscale", "cls-checkpointing"])
+def test_vit_pruned_matches_reference_with_gradients(config, checkpointing, mode):
     """float64 (the plain-PyTorch path): outputs and every parameter's gradient."""
     net = make_vit(torch.float64, **VITS[config])
     ours = patch.vit(copy.deepcopy(net), prune_layers=[1, 3], **mode)
+    ours.set_grad_checkpointing(checkpointing)
     x = images(net, 3, torch.float64)
     out, ref = ours(x), reference_vit(net, x, (1, 3), **mode)
     torch.testing.assert_close(out, ref)
@@ -139,10 +141,12 @@ def test_vit_pruned_matches_reference_with_gradients(config, mode):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
-@pytest.mark.parametrize("config", SWINS, ids=list(SWINS))
-def test_swin_pruned_matches_reference_with_gradients(config):
+@pytest.mark.parametrize("config,checkpointing", [("72", False), ("88x56", False), ("72", True)],
+                         ids=["72", "88x56", "72-checkpointing"])
+def test_swin_pruned_matches_reference_with_gradients(config, checkpointing):
     net = make_swin(torch.float64, **SWINS[config])
     ours = patch.swin(copy.deepcopy(net), ratios=SPARSEVIT)
+    ours.set_grad_checkpointing(checkpointing)
     x = images(net, 2, torch.float64)
     out, ref = ours(x), reference_swin(net, x, SPARSEVIT)
     torch.testing.assert_close(out, ref)

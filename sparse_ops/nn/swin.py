@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerStage
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .._backend import kernel
 from ..attention import window as _window
@@ -97,6 +98,9 @@ class SparseSwinStage(SwinTransformerStage):
         owned = not isinstance(self.downsample, nn.Identity)
         for blk in self.blocks:
             order = orders.get((tuple(blk.window_size), tuple(blk.shift_size)))
-            x = blk(x, order=order, inplace=owned and no_grad)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, order, False, use_reentrant=False)
+            else:
+                x = blk(x, order=order, inplace=owned and no_grad)
             owned = True  # every block returns a tensor of its own (or the owned one it wrote into)
         return x

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
@@ -164,7 +165,10 @@ class SparseVisionTransformer(VisionTransformer):
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         tokens = Tokens.from_dense(x)
         for blk in self.blocks:
-            tokens = blk(tokens)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(blk, tokens, use_reentrant=False)
+            else:
+                tokens = blk(tokens)
         tokens = replace(tokens, x=self.norm(tokens.x), cls_attn=None)
         return tokens.dense() if tokens.seq_len is not None else tokens
 
