@@ -17,10 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .._backend import kernel
 from ..attention import window as _window
-from ..fused import linear_residual_scatter
 from ..layout import window_grid
 from ..select import kept_count
-from ._common import drop_path, gather, norm_linear
+from ._common import drop_path, gather, linear_scatter, norm_linear
 
 
 class SparseSwinBlock(SwinTransformerBlock):
@@ -66,7 +65,7 @@ class SparseSwinBlock(SwinTransformerBlock):
             y = y + drop_path(self.drop_path2, mlp.drop2(mlp.fc2(h)), sample, B)
             out = kernel("scatter_rows", x.device.type)(y, rows, x2d)
         else:  # fc2 + residual + scatter in one epilogue
-            out = linear_residual_scatter(h, mlp.fc2.weight, mlp.fc2.bias, x2d, rows, residual=y, inplace=inplace)
+            out = linear_scatter(h, mlp.fc2, x2d, rows, y, inplace)
         return out.view(B, H, W, C)
 
     def _shift_mask(self, height: int, width: int, x: Tensor) -> Optional[Tensor]:
