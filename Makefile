@@ -26,13 +26,13 @@ endif
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm ninja pytest numpy matplotlib tqdm
+	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm ninja pytest numpy matplotlib tqdm scikit-learn
 	touch $@
 
 # Where torch came with the machine, add what the tests and benchmarks need beside it.
 setup: $(SETUP_DEPS)
-	@$(PY) -c "import timm, pytest, triton, matplotlib, tqdm" 2>/dev/null || \
-		$(PY) -m pip install -q timm pytest triton matplotlib tqdm
+	@$(PY) -c "import timm, pytest, triton, matplotlib, tqdm, sklearn" 2>/dev/null || \
+		$(PY) -m pip install -q timm pytest triton matplotlib tqdm scikit-learn
 
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

@@ -62,5 +62,5 @@ setup(
     cmdclass={"build_ext": NinjaBuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"timm": ["timm>=1.0"]},  # sparse_ops.nn and sparse_ops.patch
+    extras_require={"timm": ["timm>=1.0", "tqdm"]},  # sparse_ops.nn, .patch, .train, .search
 )

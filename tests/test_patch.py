@@ -187,6 +187,21 @@ def test_mass_prunes_per_image_and_package_token():
 
 
 # ----------------------------------------------------------------------- single blocks
+def test_emitted_class_attention_is_varlen_attentions():
+    """A block before a prune layer returns the class row's attention (on equal lengths
+    computed beside SDPA; varlen batches take varlen_attention's side output)."""
+    net = patch.vit(make_vit(), keep_rate=0.5, prune_layers=[2])
+    blk = net.blocks[1]
+    x = torch.randn(3, 17, 32)
+    got = blk(Tokens.from_dense(x))
+    with torch.no_grad():
+        qkv = blk.attn.qkv(blk.norm1(x)).view(51, 3, blk.attn.num_heads, blk.attn.head_dim)
+    cu = torch.arange(4, dtype=torch.int32) * 17
+    _, want = reference.varlen_attention(*(z.double() for z in qkv.unbind(1)), cu, 17, return_cls_attn=True)
+    torch.testing.assert_close(got.cls_attn.double(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.dense(), Block.forward(blk, x), atol=1e-5, rtol=1e-5)
+
+
 def test_vit_block_on_kept_tokens_is_timm_block_on_the_shorter_sequence():
     net = make_vit()
     ours = patch.vit(copy.deepcopy(net), keep_rate=0.5, prune_layers=[2])

@@ -54,6 +54,16 @@ class Tokens:
         return images.repeat_interleave(self.cu_seqlens.diff().long(), output_size=self.x.shape[0])
 
 
+def _class_row_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """[B*L] (float32, float64 for float64): per token, the class token's (row 0's) attention
+    to it, mean over heads, from q, k [B, H, L, D]; what varlen_attention's cls_attn gives,
+    without gradient, at the cost of one row of scores per head."""
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        scores = (q[:, :, :1].to(stat) @ k.to(stat).transpose(-1, -2)) * scale  # [B, H, 1, L]
+        return scores.softmax(-1).mean(1).reshape(-1)
+
+
 class SparseBlock(Block):
     """timm's ViT Block (same parameters), which on Tokens prunes at its entry when it is a
     prune layer and returns the class attention when the next block prunes.
@@ -139,15 +149,19 @@ class SparseBlock(Block):
         q, k, v = qkv.unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
         cls_attn = None
-        if self.emit_cls_attn or t.seq_len is None:
+        if t.seq_len is None:
             o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, attn.scale, self.emit_cls_attn)
-        else:  # equal lengths: a dense batch
+        else:  # equal lengths: a dense batch for SDPA, and the class row's attention beside it
             B, L = t.batch_size, t.seq_len
-            o = F.scaled_dot_product_attention(*(z.view(B, L, attn.num_heads, -1).transpose(1, 2) for z in (q, k, v)),
-                                               scale=attn.scale).transpose(1, 2)
+            q, k, v = (z.view(B, L, attn.num_heads, -1).transpose(1, 2) for z in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
+            if self.emit_cls_attn:
+                cls_attn = _class_row_attention(q, k, attn.scale)
         o = attn.proj_drop(attn.proj(attn.norm(o.reshape(T, -1))))
-        sample = t.sample_of_row() if self.training else None
-        x = gather(t.x, rows) + drop_path(self.drop_path1, self.ls1(o), sample, t.batch_size)
+        x = gather(t.x, rows)
+        # t.x still holds the rows before the gather: count images over the gathered ones
+        sample = replace(t, x=x).sample_of_row() if self.training else None
+        x = x + drop_path(self.drop_path1, self.ls1(o), sample, t.batch_size)
         h = mlp.norm(mlp.drop1(mlp.act(norm_linear(x, None, self.norm2, mlp.fc1))))
         x = x + drop_path(self.drop_path2, self.ls2(mlp.drop2(mlp.fc2(h))), sample, t.batch_size)
         return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len,

@@ -1,0 +1,174 @@
+"""Training a patched model for many densities at once.
+
+SaiT trains one set of weights dense and sparse in the same step, the sparse pass distilled
+from the dense one (so the pruned model learns to match what it would have predicted with
+every token); SparseViT fine-tunes with a random per-block window ratio each step
+(sparsity-aware adaptation) so that any configuration the search later picks already works.
+Both run the SAME patched model at two densities via sparse_ops.set_sparsity.
+"""
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nn import SparseVisionTransformer, Tokens
+from .nn.swin import SparseSwinStage
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """The loss parts of one dense_sparse_step (detached floats)."""
+
+    dense: float
+    sparse: float
+    distill: float
+    total: float
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) * T^2, averaged over the batch.
+    The teacher is detached: gradients reach the student only."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def cls_attention_distillation_loss(student: Tensor, teacher: Tensor, eps: float = 1e-8) -> Tensor:
+    """SaiT's class-attention distillation: KL(teacher || student) between two class-attention
+    distributions [B, N] (each row sums to 1, e.g. an early block's against a late block's),
+    averaged over images. The teacher is detached."""
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be [B, N]")
+    teacher = teacher.detach().float().clamp_min(eps)
+    student = student.float().clamp_min(eps)
+    return (teacher * (teacher.log() - student.log())).sum(-1).mean()
+
+
+def class_attentions(model: SparseVisionTransformer, images: Tensor, blocks: Sequence[int]) -> List[Tensor]:
+    """Run a patched ViT densely (no pruning) and return the class attention [B, N] (mean over
+    heads, each row sums to 1) of each block in `blocks`, for cls_attention_distillation_loss.
+    Works by setting emit_cls_attn on those blocks and reading Tokens.cls_attn; the model's
+    flags are restored afterwards."""
+    if not isinstance(model, SparseVisionTransformer):
+        raise TypeError(f"model must be patched by sparse_ops.patch.vit, got {type(model).__name__}")
+    if any(not 0 <= b < len(model.blocks) for b in blocks):
+        raise ValueError(f"blocks must be indices in [0, {len(model.blocks)}), got {list(blocks)}")
+    saved = [(blk.keep_rate, blk.mass, blk.emit_cls_attn) for blk in model.blocks]
+    try:
+        for blk in model.blocks:
+            blk.keep_rate, blk.mass, blk.emit_cls_attn = 1.0, None, False
+        for b in blocks:
+            model.blocks[b].emit_cls_attn = True
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        tokens, found = Tokens.from_dense(x), {}
+        for i, blk in enumerate(model.blocks[:max(blocks) + 1]):
+            tokens = blk(tokens)
+            if i in blocks:
+                found[i] = tokens.cls_attn.view(tokens.batch_size, tokens.seq_len)
+        return [found[b] for b in blocks]
+    finally:
+        for blk, (keep_rate, mass, emit) in zip(model.blocks, saved):
+            blk.keep_rate, blk.mass, blk.emit_cls_attn = keep_rate, mass, emit
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def _is_swin(model: nn.Module) -> bool:
+    layers = getattr(model, "layers", None)
+    return layers is not None and len(layers) > 0 and all(isinstance(s, SparseSwinStage) for s in layers)
+
+
+def _current_sparsity(model: nn.Module) -> dict:
+    if isinstance(model, SparseVisionTransformer):
+        blk = next((b for b in model.blocks if b.prunes), None)
+        if blk is None:
+            return dict(keep_rate=1.0)
+        return dict(mass=blk.mass) if blk.mass is not None else dict(keep_rate=blk.keep_rate)
+    if _is_swin(model):
+        return dict(ratios=[blk.sparsity for stage in model.layers for blk in stage.blocks])
+    raise TypeError(f"model must be patched by sparse_ops.patch.vit or patch.swin, got {type(model).__name__}")
+
+
+def _dense_sparsity(model: nn.Module) -> dict:
+    return dict(keep_rate=1.0) if isinstance(model, SparseVisionTransformer) else dict(ratios=0.0)
+
+
+def dense_sparse_step(model: nn.Module, images: Tensor, targets: Tensor, sparse_options: dict,
+                      criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                      distill_weight: float = 1.0, temperature: float = 1.0,
+                      optimizer: Optional[torch.optim.Optimizer] = None) -> StepLosses:
+    """One SaiT dense/sparse step on a patched ViT or Swin (or a DistributedDataParallel
+    around one): loss = criterion(dense) + criterion(sparse) + distill_weight *
+    distillation_loss(sparse, dense, temperature). sparse_options go to set_sparsity (e.g.
+    dict(keep_rate=0.7), dict(mass=0.9), dict(ratios=[...])). The model's previous sparsity
+    is restored afterwards. With an optimizer: zero_grad, backward, step; without one the
+    caller owns backward (the loss parts returned are detached floats either way).
+
+    Under DDP both passes run through the wrapper, so gradients are reduced once per pass:
+    wrap with find_unused_parameters=True when the sparse pass may skip parameters (e.g. a
+    package token path), and static_graph=False (two forwards per backward)."""
+    if not isinstance(sparse_options, dict):
+        raise TypeError(f"sparse_options must be a dict of set_sparsity arguments, got {type(sparse_options).__name__}")
+    if distill_weight < 0:
+        raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+    inner = _unwrap(model)
+    previous = _current_sparsity(inner)
+    try:
+        from .patch import set_sparsity
+        set_sparsity(inner, **_dense_sparsity(inner))
+        dense_logits = model(images)
+        set_sparsity(inner, **sparse_options)
+        sparse_logits = model(images)
+    finally:
+        set_sparsity(inner, **previous)
+    dense_loss = criterion(dense_logits, targets)
+    sparse_loss = criterion(sparse_logits, targets)
+    distill = distillation_loss(sparse_logits, dense_logits, temperature)
+    total = dense_loss + sparse_loss + distill_weight * distill
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+    return StepLosses(dense_loss.item(), sparse_loss.item(), distill.item(), total.item())
+
+
+def sample_keep_rate(choices: Optional[Sequence[float]] = None, low: float = 0.5, high: float = 1.0,
+                     generator: Optional[torch.Generator] = None) -> float:
+    """A keep rate for one training step: one of `choices` when given, else uniform in
+    [low, high]. Deterministic under `generator`."""
+    if choices is not None:
+        values = [float(c) for c in choices]
+        if not values or any(not 0.0 < v <= 1.0 for v in values):
+            raise ValueError(f"choices must be non-empty keep rates in (0, 1], got {choices!r}")
+        return values[int(torch.randint(len(values), (), generator=generator))]
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"low and high must satisfy 0 < low <= high <= 1, got low={low}, high={high}")
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def sample_swin_ratios(model: nn.Module, choices: Sequence[float] = tuple(i / 10 for i in range(8)),
+                       generator: Optional[torch.Generator] = None) -> List[float]:
+    """SparseViT's sparsity-aware adaptation: one random window ratio per block of a patched
+    Swin, drawn from `choices` and sorted non-decreasing within each stage (a stage's blocks
+    keep nested window sets). Deterministic under `generator`."""
+    inner = _unwrap(model)
+    if not _is_swin(inner):
+        raise TypeError(f"model must be patched by sparse_ops.patch.swin, got {type(inner).__name__}")
+    values = [float(c) for c in choices]
+    if not values or any(not 0.0 <= v < 1.0 for v in values):
+        raise ValueError(f"choices must be non-empty ratios in [0, 1), got {choices!r}")
+    ratios = []
+    for stage in inner.layers:
+        drawn = torch.randint(len(values), (len(stage.blocks),), generator=generator).tolist()
+        ratios += sorted(values[i] for i in drawn)
+    return ratios

@@ -1,0 +1,184 @@
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+
+import sparse_ops
+from sparse_ops import patch
+from sparse_ops.train import (
+    class_attentions,
+    cls_attention_distillation_loss,
+    dense_sparse_step,
+    distillation_loss,
+    sample_keep_rate,
+    sample_swin_ratios,
+)
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=4,
+                              num_heads=2, num_classes=5)
+    return patch.vit(model, prune_layers=[1, 3])
+
+
+def tiny_swin():
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=72, embed_dim=16, depths=(2, 2, 2, 2),
+                              num_heads=(1, 2, 2, 4), window_size=7, num_classes=5)
+    return patch.swin(model)
+
+
+# ----------------------------------------------------------------------------- losses
+def test_distillation_loss_matches_hand_computation():
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    teacher = torch.tensor([[0.5, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    T = 2.0
+    p, q = (teacher / T).softmax(-1), (student / T).softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean() * T * T
+    torch.testing.assert_close(distillation_loss(student, teacher, T), expected)
+    assert distillation_loss(teacher, teacher, T).abs().item() < 1e-6
+
+
+def test_distillation_gradient_reaches_student_only():
+    student = torch.randn(4, 6, requires_grad=True)
+    teacher = torch.randn(4, 6, requires_grad=True)
+    distillation_loss(student, teacher, 1.5).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_cls_attention_loss():
+    a = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]])
+    b = torch.tensor([[0.2, 0.3, 0.5], [0.3, 0.3, 0.4]], requires_grad=True)
+    expected = (a * (a.log() - b.log())).sum(-1).mean()
+    torch.testing.assert_close(cls_attention_distillation_loss(b, a), expected)
+    assert cls_attention_distillation_loss(a, a).abs().item() < 1e-6
+    cls_attention_distillation_loss(b, a).backward()
+    assert b.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="student"):
+        cls_attention_distillation_loss(a[0], a[0])
+
+
+def test_class_attentions_are_distributions():
+    model = tiny_vit()
+    sparse_ops.set_sparsity(model, keep_rate=0.5)
+    early, late = class_attentions(model, torch.randn(2, 3, 32, 32), [0, 3])
+    assert early.shape == late.shape == (2, 17)
+    torch.testing.assert_close(early.sum(-1), torch.ones(2))
+    assert [b.keep_rate for b in model.blocks] == [1.0, 0.5, 1.0, 0.5]  # restored
+    assert [b.emit_cls_attn for b in model.blocks] == [True, False, True, False]
+
+
+def test_distillation_loss_errors():
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), 0.0)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        distillation_loss(torch.zeros(1, 2), torch.zeros(1, 3))
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_sample_keep_rate():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    rates = [sample_keep_rate(low=0.5, high=0.9, generator=g()) for _ in range(3)]
+    assert rates[0] == rates[1] == rates[2] and 0.5 <= rates[0] <= 0.9
+    gen = torch.Generator().manual_seed(0)
+    drawn = {sample_keep_rate([0.5, 0.7, 1.0], generator=gen) for _ in range(50)}
+    assert drawn == {0.5, 0.7, 1.0}
+    assert {sample_keep_rate((0.6, 0.8), generator=gen) for _ in range(50)} == {0.6, 0.8}  # a list, never a range
+    ranged = [sample_keep_rate(low=0.6, high=0.8, generator=gen) for _ in range(50)]
+    assert all(0.6 <= r <= 0.8 for r in ranged) and len(set(ranged)) == 50
+    with pytest.raises(ValueError, match="choices"):
+        sample_keep_rate([1.5])
+    with pytest.raises(ValueError, match="low and high"):
+        sample_keep_rate(low=0.9, high=0.5)
+
+
+def test_sample_swin_ratios():
+    model = tiny_swin()
+    choices = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    first = sample_swin_ratios(model, choices, torch.Generator().manual_seed(1))
+    assert first == sample_swin_ratios(model, choices, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ratios = sample_swin_ratios(model, choices, gen)
+        assert len(ratios) == 8 and all(r in choices for r in ratios)
+        assert all(ratios[i] <= ratios[i + 1] for i in range(0, 8, 2))
+    with pytest.raises(TypeError, match="model"):
+        sample_swin_ratios(tiny_vit())
+
+
+# ------------------------------------------------------------------ dense/sparse step
+@pytest.mark.parametrize("kind, options", [("vit", dict(keep_rate=0.5)),
+                                           ("vit", dict(mass=0.8)),
+                                           ("swin", dict(ratios=[0.0, 0.5] * 4))])
+def test_dense_sparse_step_trains_and_restores(kind, options):
+    model = tiny_vit() if kind == "vit" else tiny_swin()
+    if kind == "vit":
+        sparse_ops.set_sparsity(model, keep_rate=0.7)
+    else:
+        sparse_ops.set_sparsity(model, ratios=0.25)
+    torch.manual_seed(0)
+    size, batch, steps = (32, 4, 5) if kind == "vit" else (72, 2, 3)  # Swin under the Triton interpreter is slow
+    images, targets = torch.randn(batch, 3, size, size), torch.arange(batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = [dense_sparse_step(model, images, targets, options, temperature=2.0, optimizer=optimizer)
+              for _ in range(steps)]
+    assert losses[-1].total < losses[0].total
+    assert abs(losses[0].total - (losses[0].dense + losses[0].sparse + losses[0].distill)) < 1e-4
+    if kind == "vit":
+        assert [b.keep_rate for b in model.blocks] == [1.0, 0.7, 1.0, 0.7]
+    else:
+        assert all(b.sparsity == 0.25 for s in model.layers for b in s.blocks)
+
+
+def test_dense_sparse_step_without_optimizer_leaves_backward_to_caller():
+    model = tiny_vit()
+    losses = dense_sparse_step(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), dict(keep_rate=0.5))
+    assert isinstance(losses.total, float)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(TypeError, match="sparse_options"):
+        dense_sparse_step(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), 0.5)
+
+
+# --------------------------------------------------------------------------------- DDP
+DDP_WORKER = textwrap.dedent("""
+    import os, sys, torch, timm, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from sparse_ops import patch
+    from sparse_ops.train import dense_sparse_step
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = patch.vit(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32,
+                                        depth=4, num_heads=2, num_classes=5), prune_layers=[1, 3])
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    torch.manual_seed(1 + rank)  # each rank its own data
+    images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
+    dense_sparse_step(ddp, images, targets, dict(keep_rate=0.5), optimizer=optimizer)
+    torch.save([p.detach() for p in model.parameters()], f"{sys.argv[1]}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_two_ranks_stay_in_sync(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script, out = tmp_path / "worker.py", tmp_path / "params.pt"
+    script.write_text(DDP_WORKER)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                    f"--master_port={port}", str(script), str(out)], check=True, env=env, timeout=120,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    first, second = (torch.load(f"{out}.{rank}") for rank in (0, 1))
+    initial = [p.detach() for p in tiny_vit().parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(a, b) for a, b in zip(first, initial))  # the step moved them
