@@ -85,42 +85,38 @@ class LatencyTable:
             raise ValueError(f"choices must be non-empty ratios in [0, 1), got {choices!r}")
         self.model, self.images = model, images
         self.blocks = [blk for stage in model.layers for blk in stage.blocks]
-        inputs = self._block_inputs()
         saved = [blk.sparsity for blk in self.blocks]
         try:
+            for blk in self.blocks:
+                blk.sparsity = 0.0
+            inputs = self._block_inputs()
             self.table: List[Dict[float, float]] = []
             for blk, x in zip(self.blocks, inputs):
                 row = {}
-                for ratio in self.choices:
-                    blk.sparsity = ratio
-                    row[ratio] = _median_seconds(lambda: blk(x), x.device, repeats, warmup)
-                self.table.append(row)
-            for blk in self.blocks:
+                for ratio in (0.0,) + self.choices:  # 0.0 first: the dense block, for the overhead
+                    if ratio not in row:
+                        blk.sparsity = ratio
+                        row[ratio] = _median_seconds(lambda: blk(x), x.device, repeats, warmup)
                 blk.sparsity = 0.0
-            dense_blocks = []
-            for blk, x in zip(self.blocks, inputs):
-                dense_blocks.append(_median_seconds(lambda: blk(x), x.device, repeats, warmup))
+                self.table.append(row)
             whole = _median_seconds(lambda: model(images), images.device, repeats, warmup)
-            self.overhead = max(whole - sum(dense_blocks), 0.0)
+            self.overhead = max(whole - sum(row[0.0] for row in self.table), 0.0)
+            self.table = [{ratio: row[ratio] for ratio in self.choices} for row in self.table]
         finally:
             for blk, s in zip(self.blocks, saved):
                 blk.sparsity = s
 
     def _block_inputs(self) -> List[Tensor]:
+        """What each block receives in one forward of the model as it is set."""
         inputs = {}
         hooks = [blk.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].clone()))
                  for i, blk in enumerate(self.blocks)]
-        saved = [blk.sparsity for blk in self.blocks]
         try:
-            for blk in self.blocks:
-                blk.sparsity = 0.0
             with torch.no_grad():
                 self.model(self.images)
         finally:
             for hook in hooks:
                 hook.remove()
-            for blk, s in zip(self.blocks, saved):
-                blk.sparsity = s
         return [inputs[i] for i in range(len(self.blocks))]
 
     def __call__(self, config: Sequence[float]) -> float:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .nn import SparseVisionTransformer, Tokens
 from .nn.swin import SparseSwinStage
+from .patch import set_sparsity
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,6 @@ def dense_sparse_step(model: nn.Module, images: Tensor, targets: Tensor, sparse_
     inner = _unwrap(model)
     previous = _current_sparsity(inner)
     try:
-        from .patch import set_sparsity
         set_sparsity(inner, **_dense_sparsity(inner))
         dense_logits = model(images)
         set_sparsity(inner, **sparse_options)
