@@ -142,7 +142,7 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
         for blk, nxt in zip(model.blocks, list(model.blocks)[1:]):
             blk.emit_cls_attn = nxt.prunes
         return model
-    if isinstance(model, SwinTransformer) and all(isinstance(s, SparseSwinStage) for s in model.layers):
+    if _is_patched_swin(model):
         if keep_rate is not None or mass is not None:
             raise ValueError("keep_rate and mass are for ViT models; a Swin model takes ratios")
         if ratios is None:
@@ -152,3 +152,19 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
             blk.sparsity = r
         return model
     raise TypeError(f"model must be patched by sparse_ops.patch.vit or patch.swin first, got {type(model).__name__}")
+
+
+def _is_patched_swin(model: nn.Module) -> bool:
+    return isinstance(model, SwinTransformer) and all(isinstance(s, SparseSwinStage) for s in model.layers)
+
+
+def _current_sparsity(model: nn.Module) -> dict:
+    """The set_sparsity arguments that restore the model's present density."""
+    if isinstance(model, SparseVisionTransformer):
+        blk = next((b for b in model.blocks if b.prunes), None)
+        if blk is None:
+            return dict(keep_rate=1.0)
+        return dict(mass=blk.mass) if blk.mass is not None else dict(keep_rate=blk.keep_rate)
+    if _is_patched_swin(model):
+        return dict(ratios=[blk.sparsity for stage in model.layers for blk in stage.blocks])
+    raise TypeError(f"model must be patched by sparse_ops.patch.vit or patch.swin, got {type(model).__name__}")

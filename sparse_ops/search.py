@@ -55,7 +55,7 @@ def measure_latency(model: nn.Module, images: Tensor, repeats: int = 10, warmup:
     `warmup`), at the density given by `sparsity` (set_sparsity arguments; the model's
     previous density is restored). No arguments: as the model is."""
     from .patch import set_sparsity
-    from .train import _current_sparsity
+    from .patch import _current_sparsity
 
     previous = _current_sparsity(model) if sparsity else None
     try:
@@ -76,9 +76,9 @@ class LatencyTable:
     check() reports how far it is from real timings."""
 
     def __init__(self, model: nn.Module, images: Tensor, choices: Sequence[float], repeats: int = 5, warmup: int = 1):
-        from .train import _is_swin
+        from .patch import _is_patched_swin
 
-        if not _is_swin(model):
+        if not _is_patched_swin(model):
             raise TypeError(f"model must be patched by sparse_ops.patch.swin, got {type(model).__name__}")
         self.choices = tuple(float(c) for c in choices)
         if not self.choices or any(not 0.0 <= c < 1.0 for c in self.choices):

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn import SparseVisionTransformer, Tokens
-from .nn.swin import SparseSwinStage
-from .patch import set_sparsity
+from .patch import _current_sparsity, _is_patched_swin, set_sparsity
 
 
 @dataclass(frozen=True)
@@ -83,22 +82,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
-def _is_swin(model: nn.Module) -> bool:
-    layers = getattr(model, "layers", None)
-    return layers is not None and len(layers) > 0 and all(isinstance(s, SparseSwinStage) for s in layers)
-
-
-def _current_sparsity(model: nn.Module) -> dict:
-    if isinstance(model, SparseVisionTransformer):
-        blk = next((b for b in model.blocks if b.prunes), None)
-        if blk is None:
-            return dict(keep_rate=1.0)
-        return dict(mass=blk.mass) if blk.mass is not None else dict(keep_rate=blk.keep_rate)
-    if _is_swin(model):
-        return dict(ratios=[blk.sparsity for stage in model.layers for blk in stage.blocks])
-    raise TypeError(f"model must be patched by sparse_ops.patch.vit or patch.swin, got {type(model).__name__}")
-
-
 def _dense_sparsity(model: nn.Module) -> dict:
     return dict(keep_rate=1.0) if isinstance(model, SparseVisionTransformer) else dict(ratios=0.0)
 
@@ -162,7 +145,7 @@ def sample_swin_ratios(model: nn.Module, choices: Sequence[float] = tuple(i / 10
     Swin, drawn from `choices` and sorted non-decreasing within each stage (a stage's blocks
     keep nested window sets). Deterministic under `generator`."""
     inner = _unwrap(model)
-    if not _is_swin(inner):
+    if not _is_patched_swin(inner):
         raise TypeError(f"model must be patched by sparse_ops.patch.swin, got {type(inner).__name__}")
     values = [float(c) for c in choices]
     if not values or any(not 0.0 <= v < 1.0 for v in values):
