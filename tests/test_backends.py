@@ -8,8 +8,10 @@ import torch
 
 import sparse_ops
 from sparse_ops import _backend, reference
+from conftest import needs_interpreter
 
 
+@needs_interpreter
 def test_backends_table():
     table = sparse_ops.backends()
     for name in _backend.COMPILED_OPS + _backend.COMPOSITE_OPS + tuple(_backend.TRITON_OPS):
@@ -45,6 +47,7 @@ def test_reference_fallback_in_subprocess():
     assert result.stderr.count("compiled kernels unavailable on cpu (SPARSE_OPS_BACKEND=reference)") == 1, result.stderr
 
 
+@needs_interpreter
 @pytest.mark.parametrize("name", sorted(set(_backend.TRITON_OPS.values())))
 def test_attention_dispatch(name, monkeypatch):
     from sparse_ops.attention import _dispatch

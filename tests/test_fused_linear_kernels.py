@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from sparse_ops.kernels.fused_linear import linear_scatter_, ln_linear_backward, ln_linear_forward
-from conftest import assert_close_to_reference
+from conftest import assert_close_to_reference, needs_interpreter
+
+pytestmark = needs_interpreter  # CPU tensors straight into the kernels; tests/test_cuda_shapes.py runs them on CUDA
 
 EPS = 1e-5
 

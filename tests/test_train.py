@@ -174,7 +174,7 @@ def test_ddp_two_ranks_stay_in_sync(tmp_path):
         port = s.getsockname()[1]
     script, out = tmp_path / "worker.py", tmp_path / "params.pt"
     script.write_text(DDP_WORKER)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # TRITON_INTERPRET as conftest set it
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                     f"--master_port={port}", str(script), str(out)], check=True, env=env, timeout=120,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
