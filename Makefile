@@ -2,6 +2,9 @@
 #              nvcc is found, as a compile check on machines without a GPU), build the CMake
 #              twin, run the tests.
 # make bench : the same set-up, then the benchmarks on the best device present.
+# make gpu-check : on a GPU machine, in under 9 minutes: build for that GPU, CUDA tests, memcheck,
+#              the headline benchmarks and a summary against the issues' targets, all under
+#              benchmarks/results/<device>/ (benchmarks/gpu_check.py; GPU_CHECK_ARGS=--plan lists it).
 PYTHON ?= python3
 VENV ?= .venv
 export CUDA_HOME ?= /usr/local/cuda
@@ -22,7 +25,7 @@ ifneq ($(wildcard $(CUDA_HOME)/bin/nvcc),)
 export FORCE_CUDA := 1
 endif
 
-.PHONY: setup build cmake test bench clean
+.PHONY: setup build cmake test bench gpu-check clean
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +59,10 @@ test: build cmake
 # make bench BENCH_ARGS="--suite attention --case varlen": any `python -m benchmarks` options.
 bench: build
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# No set-up step: it builds the extension itself, for the GPU it finds, into the torch present.
+gpu-check:
+	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build build-cmake dist *.egg-info sparse_ops/*.so
