@@ -23,6 +23,16 @@ from .select import select_tokens, select_windows
 __version__ = "0.1.0"
 
 
+def __getattr__(name):
+    # sparse_ops.patch needs timm: imported on first use of the attribute, so that
+    # `import sparse_ops` stays free of timm's import cost.
+    if name == "patch":
+        import importlib
+
+        return importlib.import_module(".patch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def set_sparsity(model, keep_rate=None, mass=None, ratios=None):
     """sparse_ops.patch.set_sparsity (imported on use: sparse_ops.patch needs timm)."""
     from .patch import set_sparsity as set_model_sparsity

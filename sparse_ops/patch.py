@@ -3,15 +3,18 @@
 sparse_ops.nn (as ToMe patches timm), in place. Parameters, buffers and state_dict keys stay
 the same, so timm checkpoints load before or after patching, and at zero sparsity the model
 computes exactly what timm's does. ``set_sparsity`` changes the density at run time."""
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterable, Optional, Sequence, Union
 
 from timm.layers import Mlp
+from timm.models._features import FeatureGetterNet
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from . import _checks as check
-from .nn import SparseBlock, SparseSwinBlock, SparseSwinStage, SparseVisionTransformer
+from .nn import SparseBlock, SparseSwinBlock, SparseSwinStage, SparseVisionTransformer, SparseVisionTransformerDistilled
 
 
 def default_prune_layers(depth: int) -> tuple:
@@ -21,19 +24,39 @@ def default_prune_layers(depth: int) -> tuple:
 
 
 # ------------------------------------------------------------------------------- ViT
+# What SparseVisionTransformer replaces or calls: a subclass defining its own versions would
+# lose them (or feed them Tokens), so patch.vit refuses it unless it is one handled here.
+_VIT_FORWARD_METHODS = ("forward", "forward_features", "forward_head", "forward_intermediates", "_pos_embed", "pool")
+_SUPPORTED_VIT_CLASSES = {VisionTransformer: SparseVisionTransformer,
+                          VisionTransformerDistilled: SparseVisionTransformerDistilled}
+_SPARSE_VIT_CLASSES = dict(_SUPPORTED_VIT_CLASSES)  # and those made for subclasses
+
+
 def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] = None,
         prune_layers: Optional[Sequence[int]] = None, package: bool = False) -> VisionTransformer:
-    """Token pruning (SaiT / EViT) for a timm VisionTransformer (vit_*, deit_*), in place.
+    """Token pruning (SaiT / EViT) for a timm VisionTransformer (vit_*, deit_*, the distilled
+    deit_*_distilled_*), or the features_only wrapper timm builds around one, in place.
 
     Before each block in prune_layers (default: EViT's 3, 6, 9 of 12), keep per image the
     tokens the class token attended to most in the previous block: the top ceil(keep_rate *
     candidates), or with mass the fewest whose attention mass reaches it (per image a
-    different count; batches run packed, never padded). Class and register tokens are always
-    kept. package=True appends each image's pruned tokens, averaged by attention, as one
-    token (EViT's fused token). keep_rate=1.0 without mass: no pruning (timm's forward).
-    Returns the model."""
+    different count; batches run packed, never padded). Class, distillation and register
+    tokens are always kept. package=True appends each image's pruned tokens, averaged by
+    attention, as one token (EViT's fused token; 'token' pooling only). keep_rate=1.0
+    without mass: no pruning (timm's forward). forward_features and forward_intermediates
+    return full token grids (pruned tokens hold their last value); forward_tokens the packed
+    kept tokens (see SparseVisionTransformer).
+
+    A VisionTransformer subclass that defines its own forward, forward_features,
+    forward_head, forward_intermediates, _pos_embed or pool (other than timm's distilled
+    DeiT) is refused with a TypeError, and on any error the model is left as it was.
+    Returns the model (the wrapper, for a features_only one)."""
+    wrapper = model
+    if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), VisionTransformer):
+        model = model.model
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"model must be a timm VisionTransformer, got {type(model).__name__}")
+    sparse_class = _sparse_vit_class(type(model))
     for i, blk in enumerate(model.blocks):
         _check_vit_block(blk, f"model.blocks[{i}]")
     if model.attn_pool is not None or model.global_pool not in ("token", "avg", ""):
@@ -47,14 +70,50 @@ def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] 
                          f"previous block's class attention), got {list(layers)}")
     if not isinstance(package, bool):
         raise TypeError(f"package must be a bool, got {type(package).__name__}")
-    model.__class__ = SparseVisionTransformer
-    for blk in model.blocks:
-        blk.__class__ = SparseBlock
-        blk.num_prefix_tokens = model.num_prefix_tokens
-        blk.package = package
-    model.prune_layers = tuple(sorted(layers))
-    set_sparsity(model, keep_rate=keep_rate, mass=mass)
-    return model
+    if package and model.global_pool != "token":
+        raise ValueError(f"package=True needs global_pool 'token' (a package token has no place in the token "
+                         f"grid that 'avg' pooling reads), got {model.global_pool!r}")
+    with _restored_on_failure([model, *model.blocks]):
+        model.__class__ = sparse_class
+        for blk in model.blocks:
+            blk.__class__ = SparseBlock
+            blk.num_prefix_tokens = model.num_prefix_tokens
+            blk.package = package
+        model.prune_layers = tuple(sorted(layers))
+        set_sparsity(model, keep_rate=keep_rate, mass=mass)
+    return wrapper
+
+
+def _sparse_vit_class(cls: type) -> type:
+    """The SparseVisionTransformer class for timm class cls (or for an already patched one)."""
+    if issubclass(cls, SparseVisionTransformer):
+        cls = cls.timm_class
+    for base in cls.__mro__[:cls.__mro__.index(VisionTransformer)]:
+        own = [name for name in _VIT_FORWARD_METHODS if name in vars(base)]
+        if own and base not in _SUPPORTED_VIT_CLASSES:
+            raise TypeError(f"patch.vit cannot patch {cls.__name__}: {base.__name__} defines its own "
+                            f"{', '.join(own)} (patch.vit replaces VisionTransformer's; supported: "
+                            f"{', '.join(c.__name__ for c in _SUPPORTED_VIT_CLASSES)} and subclasses that keep theirs)")
+    if cls not in _SPARSE_VIT_CLASSES:  # a subclass that changes none of them: keep its other methods
+        known = next(c for c in cls.__mro__ if c in _SUPPORTED_VIT_CLASSES)
+        _SPARSE_VIT_CLASSES[cls] = type(f"Sparse{cls.__name__}", (_SUPPORTED_VIT_CLASSES[known], cls),
+                                        {"timm_class": cls, "__module__": __name__})
+    return _SPARSE_VIT_CLASSES[cls]
+
+
+@contextmanager
+def _restored_on_failure(modules: Iterable[nn.Module]):
+    """On an exception, puts back each module's class and instance attributes as they were
+    on entry (a failed patch leaves no module half-changed)."""
+    saved = [(m, m.__class__, dict(vars(m))) for m in modules]
+    try:
+        yield
+    except BaseException:
+        for m, cls, attrs in saved:
+            m.__class__ = cls
+            vars(m).clear()
+            vars(m).update(attrs)
+        raise
 
 
 def _check_vit_block(blk: nn.Module, name: str) -> None:
@@ -124,6 +183,9 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
     """Change the density of a patched model at run time, on the same weights (SaiT's one
     model for many densities). ViT (patch.vit): keep_rate or mass (keep_rate=1.0: dense).
     Swin (patch.swin): ratios as in patch.swin (0.0: dense). Returns the model."""
+    wrapper = model
+    if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), SparseVisionTransformer):
+        model = model.model
     if isinstance(model, SparseVisionTransformer):
         if ratios is not None:
             raise ValueError("ratios is for Swin models; a ViT takes keep_rate or mass")
@@ -141,7 +203,7 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
             blk.keep_rate, blk.mass = (keep_rate, mass) if prunes else (1.0, None)
         for blk, nxt in zip(model.blocks, list(model.blocks)[1:]):
             blk.emit_cls_attn = nxt.prunes
-        return model
+        return wrapper
     if _is_patched_swin(model):
         if keep_rate is not None or mass is not None:
             raise ValueError("keep_rate and mass are for ViT models; a Swin model takes ratios")

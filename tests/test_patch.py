@@ -181,8 +181,9 @@ def test_mass_prunes_per_image_and_package_token():
     lengths = tokens.cu_seqlens.diff()
     assert tokens.seq_len is None and lengths.max() < 17 and int(lengths.sum()) == tokens.x.shape[0]
     packaged = patch.vit(copy.deepcopy(net), keep_rate=0.5, prune_layers=[2], package=True)
-    features = packaged.forward_features(x)
-    assert features.shape == (3, 1 + kept_count(0.5, 16) + 1, 32)  # class, kept, package
+    features = packaged.forward_tokens(x)
+    assert features.dense().shape == (3, 1 + kept_count(0.5, 16) + 1, 32)  # class, kept, package
+    assert (features.index.view(3, -1)[:, -1] == -1).all()  # the package token has no grid position
     assert packaged(x).shape == (3, net.num_classes)
 
 
@@ -246,7 +247,7 @@ def test_set_sparsity_changes_density_on_the_same_weights():
     outs = {}
     for r in (1.0, 0.5, 0.25):
         sparse_ops.set_sparsity(ours, keep_rate=r)
-        outs[r] = ours.forward_features(x).shape[1]
+        outs[r] = ours.forward_tokens(x).dense().shape[1]
     assert outs == {1.0: 17, 0.5: 9, 0.25: 5}
     swin = patch.swin(make_swin(**SWINS["72"]))
     sparse_ops.set_sparsity(swin, ratios=[0.5, 0.5, 0, 0])

@@ -3,7 +3,12 @@ most class attention in the block before it, and it and every later block run on
 tokens only, packed image after image (per image a different count: never padded).
 
 ``Tokens`` is what flows between the blocks of a pruned model: the packed rows plus their
-sequence bounds. A SparseBlock given a plain [B, N, C] tensor is timm's Block, unchanged.
+sequence bounds and positions. A SparseBlock given a plain [B, N, C] tensor is timm's Block,
+unchanged.
+
+Outside the model a pruned ViT shows timm's shapes: forward_features and forward_intermediates
+return full [B, N, C] token grids in which a pruned token holds ("pauses at") its value from the
+block before the one that dropped it; forward_tokens returns the packed kept rows.
 """
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -11,9 +16,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from timm.models._features import feature_take_indices
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
+from .._backend import kernel
 from ..attention import varlen as _varlen
 from ..layout import TokenIndex
 from ..select import select_tokens
@@ -25,13 +33,16 @@ class Tokens:
     """A batch of token sequences packed as rows: image b is rows cu_seqlens[b]:cu_seqlens[b+1]
     of x [T, C]. seq_len is the common length when every image has it (known without a host
     sync: no pruning, or a fixed keep rate), else None. cls_attn [T] float32: per token, its
-    class token's attention to it (mean over heads) in the last block, for the next pruning."""
+    class token's attention to it (mean over heads) in the last block, for the next pruning.
+    index int64 [T]: each row's position b * N + n in the [B, N] token grid the model began
+    with (-1: a package token, which has none); None: the rows are that grid, in order."""
     x: Tensor
     cu_seqlens: Tensor
     max_seqlen: int
     batch_size: int
     seq_len: Optional[int]
     cls_attn: Optional[Tensor] = None
+    index: Optional[Tensor] = None
 
     @classmethod
     def from_dense(cls, x: Tensor, cls_attn: Optional[Tensor] = None) -> "Tokens":
@@ -45,6 +56,12 @@ class Tokens:
         if self.seq_len is None:
             raise ValueError("Tokens.dense() needs sequences of equal length")
         return self.x.view(self.batch_size, self.seq_len, self.x.shape[1])
+
+    def positions(self) -> Tensor:
+        """int64 [T]: index, or for the unpruned grid 0 .. T-1."""
+        if self.index is not None:
+            return self.index
+        return torch.arange(self.x.shape[0], device=self.x.device)
 
     def sample_of_row(self) -> Tensor:
         """int64 [T]: the image each row belongs to."""
@@ -109,7 +126,7 @@ class SparseBlock(Block):
             idx = TokenIndex.from_mask(self._select_index(grid).keep_mask() & valid)
             rows = t.cu_seqlens.long()[idx.index // t.max_seqlen] + idx.index % t.max_seqlen
         seq_len = idx.max_seqlen if self.mass is None and t.seq_len is not None else None
-        kept = Tokens(t.x, idx.cu_seqlens, idx.max_seqlen, B, seq_len)
+        kept = Tokens(t.x, idx.cu_seqlens, idx.max_seqlen, B, seq_len, index=t.positions()[rows])
         if self.package:
             return self._add_package_token(t, kept, rows)
         return kept, rows
@@ -139,7 +156,8 @@ class SparseBlock(Block):
         new_rows[kept.cu_seqlens[1:].long() + images] = T + images
         cu = kept.cu_seqlens + torch.arange(B + 1, dtype=torch.int32, device=rows.device)
         seq_len = None if kept.seq_len is None else kept.seq_len + 1
-        return Tokens(torch.cat([t.x, packages]), cu, kept.max_seqlen + 1, B, seq_len), new_rows
+        index = torch.cat([t.positions(), rows.new_full((B,), -1)])[new_rows]
+        return Tokens(torch.cat([t.x, packages]), cu, kept.max_seqlen + 1, B, seq_len, index=index), new_rows
 
     # --------------------------------------------------------------- packed forward
     def _forward_packed(self, t: Tokens, rows: Optional[Tensor]) -> Tokens:
@@ -165,41 +183,165 @@ class SparseBlock(Block):
         h = mlp.norm(mlp.drop1(mlp.act(norm_linear(x, None, self.norm2, mlp.fc1))))
         x = x + drop_path(self.drop_path2, self.ls2(mlp.drop2(mlp.fc2(h))), sample, t.batch_size)
         return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len,
-                      cls_attn if self.emit_cls_attn else None)
+                      cls_attn if self.emit_cls_attn else None, t.index)
 
 
 class SparseVisionTransformer(VisionTransformer):
     """timm's VisionTransformer (same parameters) whose blocks pass Tokens when any of them
-    prunes. forward_features then returns [B, L, C] when every image keeps the same count
-    (a fixed keep rate), else the packed Tokens; forward_head pools either."""
+    prunes, with timm's return types:
 
-    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
-        if attn_mask is not None or is_causal or not any(blk.prunes for blk in self.blocks):
-            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        tokens = Tokens.from_dense(x)
-        for blk in self.blocks:
+    - forward(x): logits, pooled from the packed kept tokens ('token': the class token row;
+      'avg': the mean of the kept tokens).
+    - forward_features(x): the [B, N, C] token grid after the final norm; a token pruned
+      before block i holds its output of block i - 1. The tensor carries ``kept_tokens``
+      (bool [B, N]: the tokens the last block ran on), so that forward_head pools 'avg' over
+      the kept tokens only and forward_head(forward_features(x)) equals forward(x).
+    - forward_tokens(x): the same, packed: Tokens of the kept rows after the final norm
+      (index: each row's position in that grid); forward_head pools it as forward does.
+    - forward_intermediates / features_only: timm's outputs, each a full grid as above.
+
+    An empty batch, an attention mask, or no block that prunes: timm's forward, unchanged."""
+    timm_class = VisionTransformer  # the timm class this one patches (patch.vit undoes to it)
+
+    def _prunes(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> bool:
+        return attn_mask is None and not is_causal and x.shape[0] > 0 and any(blk.prunes for blk in self.blocks)
+
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    def _run_blocks(self, x: Tensor, take=frozenset(), last: Optional[int] = None):
+        """Embedded tokens x [B, N, C] through blocks 0..last (default: all) -> (the Tokens
+        after the last, {i: the token grid [B, N, C] after block i for i in take}).
+
+        A grid is restored with one scatter of the rows alive since the previous grid: the
+        current rows, plus each row a prune layer dropped on the way, with the value it had
+        there (nested keep sets: a dropped token never returns, so no row is written twice).
+        Until the first prune layer the grid is the blocks' dense output itself."""
+        B, N, C = x.shape
+        tokens, grid, grids = Tokens.from_dense(x), x, {}
+        paused = []  # (rows, their grid positions or -1) of tokens dropped since `grid`
+        blocks = self.blocks if last is None else self.blocks[:last + 1]
+        for i, blk in enumerate(blocks):
+            before = tokens
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(blk, tokens, use_reentrant=False)
             else:
                 tokens = blk(tokens)
-        tokens = replace(tokens, x=self.norm(tokens.x), cls_attn=None)
-        return tokens.dense() if tokens.seq_len is not None else tokens
+            if blk.prunes:
+                alive = torch.zeros(B * N + 1, dtype=torch.bool, device=x.device).index_fill_(0, tokens.index + 1, True)
+                position = before.positions()  # -1 (package rows) stays -1: never written
+                paused.append((before.x, torch.where(alive[position + 1], -1, position)))
+            if i in take:
+                if tokens.index is None:
+                    grid = tokens.dense()
+                else:
+                    rows = torch.cat([p for _, p in paused] + [tokens.index])
+                    values = torch.cat([v for v, _ in paused] + [tokens.x])
+                    grid = kernel("scatter_rows", x.device.type)(values, rows, grid.reshape(B * N, C)).view(B, N, C)
+                    paused = []
+                grids[i] = grid
+        return tokens, grids
 
-    def forward_head(self, x, pre_logits: bool = False) -> Tensor:
-        if isinstance(x, Tensor):
-            return super().forward_head(x, pre_logits=pre_logits)
-        x = self.fc_norm(self._pool_packed(x))
-        x = self.head_drop(x)
+    def _kept_grid(self, tokens: Tokens, grid: Tensor) -> Tensor:
+        """bool [B, N]: the grid's tokens present in tokens (package rows have no place)."""
+        B, N = grid.shape[:2]
+        if tokens.index is None:
+            return torch.ones(B, N, dtype=torch.bool, device=grid.device)
+        kept = torch.zeros(B * N + 1, dtype=torch.bool, device=grid.device).index_fill_(0, tokens.index + 1, True)
+        return kept[1:].view(B, N)
+
+    # --------------------------------------------------------------------- timm API
+    def forward_tokens(self, x: Tensor) -> Tokens:
+        """The packed form of forward_features: each image's kept tokens (class and register
+        tokens first, in their original order; with package=True the package token last)
+        as rows of Tokens.x [T, C], after the final norm; Tokens.index gives each row's
+        position b * N + n in forward_features' grid (-1: the package token)."""
+        if not self._prunes(x):
+            return Tokens.from_dense(super().forward_features(x))
+        tokens, _ = self._run_blocks(self._embed(x))
+        return replace(tokens, x=self.norm(tokens.x), cls_attn=None)
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if not self._prunes(x, attn_mask, is_causal):
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        last = len(self.blocks) - 1
+        tokens, grids = self._run_blocks(self._embed(x), take={last})
+        out = self.norm(grids[last])
+        out.kept_tokens = self._kept_grid(tokens, out)
+        return out
+
+    def forward_head(self, x, pre_logits: bool = False):
+        """timm's head on a tensor (forward_features' grid: 'avg' over its kept_tokens) or
+        on Tokens (forward_tokens)."""
+        if isinstance(x, Tokens):
+            if self.global_pool == "token":  # the class (and distillation) token rows
+                P = self.num_prefix_tokens
+                rows = x.cu_seqlens[:-1].long().unsqueeze(1) + torch.arange(P, device=x.x.device)
+                return super().forward_head(x.x[rows.reshape(-1)].view(x.batch_size, P, -1), pre_logits=pre_logits)
+            if self.global_pool != "avg":
+                raise ValueError(f"forward_head pools Tokens with global_pool 'token' or 'avg', not "
+                                 f"{self.global_pool!r}; use forward_features' token grid")
+            return self._head(self._pool_packed(x), pre_logits)
+        kept = getattr(x, "kept_tokens", None)
+        if kept is not None and self.global_pool == "avg":
+            skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
+            weight = kept[:, skip:].to(x.dtype).unsqueeze(-1)
+            pooled = (x[:, skip:] * weight).sum(1) / weight.sum(1).clamp_min(1)
+            return self._head(pooled, pre_logits)
+        return super().forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        if not self._prunes(x, attn_mask, is_causal):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if self.global_pool in ("token", "avg"):
+            return self.forward_head(self.forward_tokens(x))
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False,
+                              attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """timm's forward_intermediates, pruning as forward does: each intermediate is the
+        full token grid after its block (pruned tokens paused); the blocks before the first
+        prune layer give exactly timm's dense intermediates."""
+        if not self._prunes(x, attn_mask, is_causal):
+            return super().forward_intermediates(
+                x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+                output_fmt=output_fmt, intermediates_only=intermediates_only, output_dict=output_dict,
+                attn_mask=attn_mask, is_causal=is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        last = max_index if stop_early else len(self.blocks) - 1
+        take = sorted(i for i in set(take_indices) if i <= last)
+        _, grids = self._run_blocks(self._embed(x), take=set(take) if intermediates_only else {*take, last}, last=last)
+        intermediates = [self.norm(grids[i]) if norm else grids[i] for i in take]
+        P = self.num_prefix_tokens
+        prefix_tokens = [y[:, :P] for y in intermediates] if P else None
+        intermediates = [y[:, P:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(grids[last])
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(grids[last]), intermediates
+
+    def _head(self, pooled: Tensor, pre_logits: bool) -> Tensor:
+        x = self.head_drop(self.fc_norm(pooled))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
-
     def _pool_packed(self, t: Tokens) -> Tensor:
-        """timm's 'token' and 'avg' pooling over each image's packed rows."""
-        if self.global_pool == "token":
-            return t.x[t.cu_seqlens[:-1].long()]
+        """timm's 'avg' pooling over each image's packed rows."""
         skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
         pos = torch.arange(t.x.shape[0], device=t.x.device)
         sample = t.sample_of_row()
@@ -207,3 +349,10 @@ class SparseVisionTransformer(VisionTransformer):
         sums = t.x.new_zeros(t.batch_size, t.x.shape[1]).index_add_(0, sample, t.x * counted.unsqueeze(1))
         counts = counted.new_zeros(t.batch_size).index_add_(0, sample, counted)
         return sums / counts.clamp_min(1).unsqueeze(1)
+
+
+class SparseVisionTransformerDistilled(SparseVisionTransformer, VisionTransformerDistilled):
+    """timm's distilled DeiT (class and distillation tokens, both kept; its two heads, with
+    timm's train / eval behaviour) with pruned blocks: SparseVisionTransformer's forward
+    paths over VisionTransformerDistilled's _pos_embed and forward_head."""
+    timm_class = VisionTransformerDistilled
