@@ -1,5 +1,6 @@
 """models: whole timm models (inference) at a throughput and a latency batch size.
-Batch 64 and 1 (CPU: 1), on CPU DeiT-S and Swin-T at 224 (and 672 in SparseViT's
+Every case at a throughput batch (64; Swin-T 672: 4; CPU: DeiT-S 8) and at batch 1, where the
+per-block fixed overhead shows; on CPU DeiT-S and Swin-T at 224 (and 672 in SparseViT's
 configuration) only, without torch.compile.
 - DeiT-S / DeiT-B at 224 pruning tokens at blocks 3, 6, 9 with a fixed keep rate r (each
   prune layer keeps ceil(r * candidates)), or adaptively ("mass m": per image the fewest
@@ -64,7 +65,7 @@ def _swin(cfg: Config, model: str, img_size, batch: int, ratios) -> Setup:
 
 def cases(cfg: Config):
     vits = pick(cfg, quick=("vit_test",), cpu=("deit_small",), cuda=("deit_small", "deit_base"))
-    vit_batches = pick(cfg, quick=(2,), cpu=(1,), cuda=(64, 1))
+    vit_batches = pick(cfg, quick=(2,), cpu=(8, 1), cuda=(64, 1))
     keep_rates = pick(cfg, quick=(1.0, 0.5), cpu=(1.0, 0.7, 0.5), cuda=(1.0, 0.8, 0.7, 0.6, 0.5))
     masses = pick(cfg, quick=(0.9,), cpu=(0.9,), cuda=(0.9, 0.8))
     for model in vits:
@@ -79,7 +80,7 @@ def cases(cfg: Config):
                            lambda model=model, batch=batch, m=m: _vit(cfg, model, batch, mass=m))
 
     swins = pick(cfg, quick=(("swin_test", None, 1),), cpu=(("swin_tiny", 224, 1), ("swin_tiny", 672, 1)),
-                 cuda=(("swin_tiny", 224, 64), ("swin_tiny", 224, 1), ("swin_tiny", 672, 4)))
+                 cuda=(("swin_tiny", 224, 64), ("swin_tiny", 224, 1), ("swin_tiny", 672, 4), ("swin_tiny", 672, 1)))
     window_ratios = pick(cfg, quick=(0.0, 0.5), cpu=(0.0, 0.4, 0.8), cuda=(0.0, 0.2, 0.4, 0.6, 0.8))
     for model, img_size, batch in swins:
         size = f"{model}_{img_size}" if img_size else model
