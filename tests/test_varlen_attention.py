@@ -29,6 +29,9 @@ CASES = [
     ([17, 1, 33], 2, 80, 0.3, True),
     ([40], 1, 96, None, False),
     ([9, 24, 1], 2, 128, 0.05, True),
+    # runs of equal lengths (one attention call each on the CPU), across an empty sequence
+    ([6, 6, 0, 6, 1, 1, 9], 2, 32, None, True),
+    ([8, 8, 8], 2, 64, None, False),  # a fixed keep rate: one run
 ]
 CASE_IDS = [f"D{c[2]}-L{'_'.join(map(str, c[0]))}" for c in CASES]
 
@@ -132,6 +135,21 @@ def test_unchecked_cu_seqlens_stay_in_bounds(path, device, bounds, intact):
     if intact:
         first = reference.varlen_attention(q[:intact], k[:intact], v[:intact], cu[:2], intact)
         torch.testing.assert_close(out[:intact], first)
+
+
+def test_matmul_path_matches_cpu_flash():
+    """The PyTorch path's attention off the CPU (float64 on CUDA: matmuls) against the CPU
+    flash kernel it uses on the CPU, forward and backward, on one run [n, H, L, D]."""
+    from sparse_ops.attention import varlen
+
+    q, k, v, dout = (torch.randn(3, 2, 11, 16, dtype=torch.float64) for _ in range(4))
+    out, lse = varlen._attend(q, k, v, 0.3)
+    expected_out, expected_lse = varlen._attend_matmul(q, k, v, 0.3)
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(lse, expected_lse)
+    grads = varlen._attend_backward(dout, q, k, v, out, lse, 0.3)
+    for g, expected in zip(grads, varlen._attend_backward_matmul(dout, q, k, v, out, lse, 0.3)):
+        torch.testing.assert_close(g, expected)
 
 
 def test_gradcheck_float64():

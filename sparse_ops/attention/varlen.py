@@ -5,8 +5,8 @@ Dispatch, inside the custom ops (so torch.compile sees one opaque op either way)
 - CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 (how the tests run the kernels):
   the Triton kernels of sparse_ops.kernels.varlen_attention;
 - other CPU tensors, float64 on any device (the kernels accumulate in float32), and CUDA
-  tensors where triton is not installed (with a warning): plain PyTorch, one sequence at a
-  time in float32 (matmul + fused softmax, about as fast as SDPA per sequence on a CPU).
+  tensors where triton is not installed (with a warning): plain PyTorch in float32, one
+  call per run of consecutive sequences of equal length (on the CPU torch's flash kernel).
 Both paths save the same logsumexp (natural log, [H, T]) for their backward.
 """
 from typing import Optional
@@ -23,41 +23,90 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _sequences(cu_seqlens: Tensor):
+def _runs(cu_seqlens: Tensor, num_rows: int):
+    """(first row, number of sequences, length) of each run of adjacent non-empty sequences
+    of one length: a run is a dense [n, L] batch of the packed rows (a fixed keep rate makes
+    the whole batch one run). Each sequence is clamped to the num_rows rows (cu_seqlens is
+    unchecked under no_index_checks)."""
     bounds = cu_seqlens.tolist()
-    return [(start, end) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+    runs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        start = min(max(start, 0), num_rows)
+        length = min(max(end, start), num_rows) - start
+        if length == 0:
+            continue
+        if runs and runs[-1][2] == length and runs[-1][0] + runs[-1][1] * length == start:
+            runs[-1][1] += 1
+        else:
+            runs.append([start, 1, length])
+    return runs
+
+
+def _as_batch(t: Tensor, start: int, n: int, length: int, dtype: torch.dtype) -> Tensor:
+    """Rows start:start+n*length of a packed [T, H, D] as a [n, H, L, D] view (a copy only to
+    change dtype)."""
+    return t[start:start + n * length].to(dtype).unflatten(0, (n, length)).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------ PyTorch path
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float):
+    """[n, H, L, D] -> out [n, H, L, D], logsumexp [n, H, L]. On the CPU torch's flash kernel
+    (what SDPA runs there; called directly because it also returns the logsumexp), whose
+    output memory is in the packed [n, L, H, D] order; elsewhere (float64 on CUDA) matmuls."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return _attend_matmul(q, k, v, scale)
+
+
+def _attend_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float):
+    """-> dq, dk, dv [n, H, L, D], the probabilities recomputed from the logsumexp."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse.contiguous(), 0.0, False, scale=scale)
+    return _attend_backward_matmul(dout, q, k, v, out, lse, scale)
+
+
+def _attend_matmul(q, k, v, scale):
+    scores = (q * scale) @ k.transpose(-1, -2)
+    lse = scores.logsumexp(-1)
+    return (scores - lse.unsqueeze(-1)).exp() @ v, lse
+
+
+def _attend_backward_matmul(dout, q, k, v, out, lse, scale):
+    p = ((q * scale) @ k.transpose(-1, -2) - lse.unsqueeze(-1)).exp()
+    ds = p * (dout @ v.transpose(-1, -2) - (dout * out).sum(-1, keepdim=True))
+    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, p.transpose(-1, -2) @ dout
+
+
 def _forward_torch(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn):
-    """One sequence at a time, in float32 (float64 for float64 inputs) like the kernels."""
+    """One run of equal lengths at a time, in float32 (float64 for float64 inputs) like the
+    kernels."""
     T, H, D = q.shape
     stat = _stat_dtype(q.dtype)
     out = q.new_empty(T, H, D)
     lse = q.new_empty(H, T, dtype=stat)
     cls_attn = q.new_empty(T if return_cls_attn else 0, dtype=stat)
-    for start, end in _sequences(cu_seqlens):
-        qs, ks, vs = (t[start:end].transpose(0, 1).to(stat) for t in (q, k, v))  # [H, L, D]
-        scores = (qs * scale) @ ks.transpose(1, 2)
-        p = torch.softmax(scores, dim=-1)
-        out[start:end] = (p @ vs).transpose(0, 1)
-        lse[:, start:end] = scores.logsumexp(-1)
-        if return_cls_attn:
-            cls_attn[start:end] = p[:, 0].mean(0)
+    for start, n, length in _runs(cu_seqlens, q.shape[0]):
+        end = start + n * length
+        qs, ks, vs = (_as_batch(t, start, n, length, stat) for t in (q, k, v))
+        o, lse_run = _attend(qs, ks, vs, scale)
+        out[start:end] = o.transpose(1, 2).flatten(0, 1)
+        lse[:, start:end] = lse_run.transpose(0, 1).flatten(1)
+        if return_cls_attn:  # each sequence's first query row [n, H, 1, L], mean over heads
+            first = (qs[:, :, :1] @ ks.transpose(-1, -2)) * scale
+            cls_attn[start:end] = first.softmax(-1).mean(1).flatten()
     return out, lse, cls_attn
 
 
 def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    """Recomputes p from the saved logsumexp, in the forward's precision."""
+    """In the forward's precision."""
     dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
-    for start, end in _sequences(cu_seqlens):
-        qs, ks, vs, dos, os_ = (t[start:end].transpose(0, 1).to(lse.dtype) for t in (q, k, v, dout, out))
-        p = ((qs * scale) @ ks.transpose(1, 2) - lse[:, start:end, None]).exp()
-        delta = (dos * os_).sum(-1, keepdim=True)
-        ds = p * (dos @ vs.transpose(1, 2) - delta)
-        dv[start:end] = (p.transpose(1, 2) @ dos).transpose(0, 1)
-        dq[start:end] = ((ds @ ks) * scale).transpose(0, 1)
-        dk[start:end] = ((ds.transpose(1, 2) @ qs) * scale).transpose(0, 1)
+    for start, n, length in _runs(cu_seqlens, q.shape[0]):
+        end = start + n * length
+        run = [_as_batch(t, start, n, length, lse.dtype) for t in (dout, q, k, v, out)]
+        lse_run = lse[:, start:end].unflatten(1, (n, length)).transpose(0, 1)  # [n, H, L]
+        for packed, g in zip((dq, dk, dv), _attend_backward(*run, lse_run, scale)):
+            packed[start:end] = g.transpose(1, 2).flatten(0, 1)
     return dq, dk, dv
 
 
