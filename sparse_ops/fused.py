@@ -32,6 +32,15 @@ def _gather(x: Tensor, rows: Optional[Tensor]) -> Tensor:
 
 
 # ------------------------------------------------------------------------ PyTorch path
+def _has_padding(rows: Optional[Tensor]) -> bool:
+    """Whether rows holds a padding row (-1). Asked only where it saves a pass over the rows'
+    data (most window grids have no padding); a host sync, so on the CPU only: elsewhere
+    (float64 on CUDA) the padding is assumed."""
+    if rows is None or rows.numel() == 0:
+        return False
+    return rows.device.type != "cpu" or rows.min().item() < 0
+
+
 def _ln_linear_forward_torch(x, rows, ln_weight, ln_bias, eps, weight, bias):
     xg = _gather(x, rows)
     stat = _stat_dtype(x.dtype)
@@ -41,8 +50,8 @@ def _ln_linear_forward_torch(x, rows, ln_weight, ln_bias, eps, weight, bias):
     else:
         xn, mean, rstd = torch.native_layer_norm(xg, [xg.shape[1]], ln_weight, ln_bias, eps)
         mean, rstd = mean.view(-1).to(stat), rstd.view(-1).to(stat)
-        if rows is not None:  # padding rows are zero after the norm
-            xn = xn.masked_fill((rows < 0).unsqueeze(1), 0)
+        if _has_padding(rows):  # padding rows are zero after the norm (xn is ours to write)
+            xn.masked_fill_((rows < 0).unsqueeze(1), 0)
     return F.linear(xn, weight, bias), mean, rstd
 
 
@@ -53,15 +62,16 @@ def _ln_linear_backward_torch(dout, x, rows, ln_weight, ln_bias, mean, rstd, wei
     g = dout.to(stat)
     db = g.sum(0).to(weight.dtype) if need_b else None  # a padding row's output is the bias
     dxn = g @ weight.to(stat)
-    if rows is not None:
-        dxn = dxn.masked_fill((rows < 0).unsqueeze(1), 0)  # padding rows are zero after the norm
+    padding = _has_padding(rows)
+    if padding:
+        dxn.masked_fill_((rows < 0).unsqueeze(1), 0)  # padding rows are zero after the norm
     if ln_weight is None:
         xn, dxg, dlnw, dlnb = xg, dxn, None, None
     else:
         xhat = (xg - mean.unsqueeze(1)) * rstd.unsqueeze(1)
         xn = xhat * ln_weight.to(stat) + ln_bias.to(stat)
-        if rows is not None:
-            xn = xn.masked_fill((rows < 0).unsqueeze(1), 0)
+        if padding:
+            xn.masked_fill_((rows < 0).unsqueeze(1), 0)
         dlnw = (dxn * xhat).sum(0).to(ln_weight.dtype) if need_lnw else None
         dlnb = dxn.sum(0).to(ln_bias.dtype) if need_lnb else None
         dxhat = dxn * ln_weight.to(stat)
@@ -82,9 +92,11 @@ def _linear_scatter_torch(h, weight, bias, residual, out, rows):
     y = torch.addmm(res, h.to(acc), weight.t().to(acc)).to(out.dtype)
     if rows is None:
         out.copy_(y)
-    else:
+    elif _has_padding(rows):
         keep = rows >= 0
         out.index_copy_(0, rows[keep], y[keep])
+    else:
+        out.index_copy_(0, rows, y)
 
 
 # -------------------------------------------------------------------------- custom ops
