@@ -12,6 +12,10 @@ program when a window is one query block (the program sums its windows first, so
 drops by WINDOWS), else once per window and query block.
 
 Scores are kept in base 2: log2(e) is folded into the scale and into the bias and mask.
+
+A per-head scale (Swin V2's clamped, exponentiated logit scale) multiplies the scalar one: a
+program loads its head's entry, and the backward adds d(head_scale)[h] = scale * sum(dS * q k^T)
+= scale * sum(q * (dS k)) from tiles it already holds, one atomic per program.
 """
 import torch
 import triton
@@ -31,7 +35,7 @@ def _configs(*candidates):
 
 # Tuned per window size and head dim (the autotuner adds the dtypes), not per number of
 # windows, which changes with every pruning decision.
-_KEY = ["SEQ", "HEAD_DIM", "HAS_BIAS", "HAS_MASK"]
+_KEY = ["SEQ", "HEAD_DIM", "HAS_BIAS", "HAS_MASK", "HEAD_SCALE"]
 
 
 @triton.jit
@@ -66,12 +70,12 @@ def _window_mask(mask, window_ids, window, num_masks, SEQ: tl.constexpr, HAS_MAS
 @triton.autotune(_configs((1, 4), (1, 8), (2, 4), (4, 4), (2, 8), (4, 8)), key=_KEY)
 @triton.jit
 def _forward_kernel(
-    q, k, v, window_ids, bias, mask, num_masks, out, num_windows, qk_scale,
+    q, k, v, window_ids, bias, mask, num_masks, head_scale, out, num_windows, qk_scale,
     stride_qm, stride_qh, stride_qn, stride_qd, stride_km, stride_kh, stride_kn, stride_kd,
     stride_vm, stride_vh, stride_vn, stride_vd,
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WINDOWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     first = tl.program_id(0).to(tl.int64) * WINDOWS  # int64: offsets of late windows pass 2**31
     head = tl.program_id(1)
@@ -79,6 +83,8 @@ def _forward_kernel(
     keys = tl.arange(0, KEYS)
     cols = tl.arange(0, BLOCK_D)
     bias_head = bias + head * (SEQ * SEQ)
+    if HEAD_SCALE:
+        qk_scale *= tl.load(head_scale + head).to(tl.float32)
     for window in range(first, tl.minimum(first + WINDOWS, num_windows)):
         mask_window = _window_mask(mask, window_ids, window, num_masks, SEQ, HAS_MASK)
         k_tile = load_tile(k + window * stride_km + head * stride_kh, keys, SEQ, stride_kn, cols, HEAD_DIM, stride_kd,
@@ -97,15 +103,16 @@ def _forward_kernel(
 
 
 @triton.autotune(_configs((1, 4), (1, 8), (2, 8), (4, 8), (8, 8)), key=_KEY + ["BIAS_GRAD"],
-                 reset_to_zero=["dbias"])
+                 reset_to_zero=["dbias", "dhead_scale"])
 @triton.jit
 def _backward_kernel(
-    q, k, v, dout, window_ids, bias, mask, num_masks, dq, dk, dv, dbias, num_windows, qk_scale, scale,
+    q, k, v, dout, window_ids, bias, mask, num_masks, head_scale, dq, dk, dv, dbias, dhead_scale, num_windows,
+    qk_scale, scale,
     stride_qm, stride_qh, stride_qn, stride_qd, stride_km, stride_kh, stride_kn, stride_kd,
     stride_vm, stride_vh, stride_vn, stride_vd, stride_dom, stride_doh, stride_don, stride_dod,
     SEQ: tl.constexpr, HEAD_DIM: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    WINDOWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WINDOWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_SCALE: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     first = tl.program_id(0).to(tl.int64) * WINDOWS  # int64: offsets of late windows pass 2**31
     head = tl.program_id(1)
@@ -116,6 +123,12 @@ def _backward_kernel(
     dbias_head = dbias + head * (SEQ * SEQ)
     ONE_BLOCK: tl.constexpr = BLOCK_M >= SEQ
     dbias_acc = tl.zeros([BLOCK_M, KEYS], tl.float32)  # this program's windows, when ONE_BLOCK
+    grad_scale = scale  # d(scores) / d(q k^T) without log2(e): the scalar scale, times the head's
+    if HEAD_SCALE:
+        head_factor = tl.load(head_scale + head).to(tl.float32)
+        qk_scale *= head_factor
+        grad_scale *= head_factor
+    dscale_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # q * (dS k), summed at the end
     for window in range(first, tl.minimum(first + WINDOWS, num_windows)):
         mask_window = _window_mask(mask, window_ids, window, num_masks, SEQ, HAS_MASK)
         k_tile = load_tile(k + window * stride_km + head * stride_kh, keys, SEQ, stride_kn, cols, HEAD_DIM, stride_kd,
@@ -139,7 +152,10 @@ def _backward_kernel(
             ds = p * (dp - tl.sum(p * dp, 1)[:, None])
             dv_acc += tl.dot(tl.trans(p).to(do_tile.dtype), do_tile, input_precision=DOT_PRECISION)
             dk_acc += tl.dot(tl.trans(ds).to(q_tile.dtype), q_tile, input_precision=DOT_PRECISION)
-            dq_tile = tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION) * scale
+            ds_k = tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION)
+            if HEAD_SCALE:
+                dscale_acc += q_tile.to(tl.float32) * ds_k
+            dq_tile = ds_k * grad_scale
             store_tile(dq + offset, rows, SEQ, HEAD_DIM, cols, HEAD_DIM, dq_tile)
             if BIAS_GRAD:
                 if ONE_BLOCK:
@@ -147,16 +163,18 @@ def _backward_kernel(
                 else:
                     inside = (rows[:, None] < SEQ) & (keys[None, :] < SEQ)
                     tl.atomic_add(dbias_head + rows[:, None] * SEQ + keys[None, :], ds, mask=inside, sem="relaxed")
-        store_tile(dk + offset, keys, SEQ, HEAD_DIM, cols, HEAD_DIM, dk_acc * scale)
+        store_tile(dk + offset, keys, SEQ, HEAD_DIM, cols, HEAD_DIM, dk_acc * grad_scale)
         store_tile(dv + offset, keys, SEQ, HEAD_DIM, cols, HEAD_DIM, dv_acc)
     if BIAS_GRAD:
         if ONE_BLOCK:
             rows = tl.arange(0, BLOCK_M)
             inside = (rows[:, None] < SEQ) & (keys[None, :] < SEQ)
             tl.atomic_add(dbias_head + rows[:, None] * SEQ + keys[None, :], dbias_acc, mask=inside, sem="relaxed")
+    if HEAD_SCALE:
+        tl.atomic_add(dhead_scale + head, tl.sum(tl.sum(dscale_acc, 1), 0) * scale, sem="relaxed")
 
 
-def _constexprs(q, bias, mask):
+def _constexprs(q, bias, mask, head_scale=None):
     """Tile sizes and flags shared by both kernels."""
     n, D = q.shape[2:]
     keys = max(16, triton.next_power_of_2(n))
@@ -167,7 +185,7 @@ def _constexprs(q, bias, mask):
     block_m = min(keys, 32) if INTERPRET else keys if keys <= 64 else 16
     return dict(
         SEQ=n, HEAD_DIM=D, KEYS=keys, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HEAD_SCALE=head_scale is not None, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype),
     )
 
 
@@ -180,29 +198,35 @@ def _grid(num_windows, num_heads):
     return lambda meta: (triton.cdiv(num_windows, meta["WINDOWS"]), num_heads)
 
 
-def forward(q, k, v, window_ids, bias, mask, scale: float):
-    """-> out [M, H, n, D] (contiguous). bias [H, n, n] and mask [nW, n, n] may be None."""
+def forward(q, k, v, window_ids, bias, mask, scale: float, head_scale=None):
+    """-> out [M, H, n, D] (contiguous). bias [H, n, n], mask [nW, n, n] and head_scale [H]
+    (float32, multiplies scale) may be None."""
     M, H = q.shape[:2]
     out = empty_output(q)
     if M:
         with on_device_of(q):
             _forward_kernel[_grid(M, H)](
-                q, k, v, window_ids.contiguous(), *_bias_and_mask(q, bias, mask), out, M, scale * LOG2E,
-                *strides(q, k, v), **_constexprs(q, bias, mask),
+                q, k, v, window_ids.contiguous(), *_bias_and_mask(q, bias, mask),
+                q if head_scale is None else head_scale.contiguous(), out, M, scale * LOG2E,
+                *strides(q, k, v), **_constexprs(q, bias, mask, head_scale),
             )
     return out.to(q.dtype)
 
 
-def backward(dout, q, k, v, window_ids, bias, mask, scale: float, bias_grad: bool):
-    """-> dq, dk, dv [M, H, n, D] (contiguous) and dbias [H, n, n] in bias's dtype (empty
-    unless bias_grad)."""
+def backward(dout, q, k, v, window_ids, bias, mask, scale: float, bias_grad: bool, head_scale=None):
+    """-> dq, dk, dv [M, H, n, D] (contiguous), dbias [H, n, n] in bias's dtype (empty unless
+    bias_grad) and dhead_scale [H] float32 (empty without head_scale)."""
     M, H, n, _ = q.shape
     dq, dk, dv = (empty_output(q) for _ in range(3))
     dbias = torch.zeros(H, n, n, dtype=torch.float32, device=q.device) if bias_grad else q.new_empty(0)
+    dhead_scale = q.new_zeros(0 if head_scale is None else H, dtype=torch.float32)
     if M:
         with on_device_of(q):
             _backward_kernel[_grid(M, H)](
-                q, k, v, dout, window_ids.contiguous(), *_bias_and_mask(q, bias, mask), dq, dk, dv, dbias, M,
-                scale * LOG2E, scale, *strides(q, k, v, dout), BIAS_GRAD=bias_grad, **_constexprs(q, bias, mask),
+                q, k, v, dout, window_ids.contiguous(), *_bias_and_mask(q, bias, mask),
+                q if head_scale is None else head_scale.contiguous(), dq, dk, dv, dbias, dhead_scale, M,
+                scale * LOG2E, scale, *strides(q, k, v, dout), BIAS_GRAD=bias_grad,
+                **_constexprs(q, bias, mask, head_scale),
             )
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dbias.to(bias.dtype) if bias_grad else dbias
+    dbias = dbias.to(bias.dtype) if bias_grad else dbias
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dbias, dhead_scale

@@ -10,11 +10,14 @@ from timm.layers import Mlp
 from timm.models._features import FeatureGetterNet
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from . import _checks as check
-from .nn import SparseBlock, SparseSwinBlock, SparseSwinStage, SparseVisionTransformer, SparseVisionTransformerDistilled
+from .nn import (SparseBlock, SparseSwinBlock, SparseSwinStage, SparseVisionTransformer,
+                 SparseVisionTransformerDistilled, swinv2)
 
 
 def default_prune_layers(depth: int) -> tuple:
@@ -134,13 +137,21 @@ def _check_vit_block(blk: nn.Module, name: str) -> None:
 
 # ------------------------------------------------------------------------------ Swin
 def swin(model: SwinTransformer, ratios: Union[float, Sequence[float]] = 0.0) -> SwinTransformer:
-    """Window pruning (SparseViT) for a timm SwinTransformer (v1), in place, at any input
-    size. ratios: the fraction of windows each block prunes, in [0, 1): one float, one per
-    stage, or one per block. A stage scores its windows once (L2 norm of the activations)
-    and its blocks keep nested sets, so ratios should not decrease within a stage. 0 runs
-    timm's block unchanged. Returns the model."""
+    """Window pruning (SparseViT) for a timm SwinTransformer (v1) or SwinTransformerV2
+    (sparse_ops.nn.swinv2), in place, at any input size. ratios: the fraction of windows
+    each block prunes, in [0, 1): one float, one per stage, or one per block. A stage scores
+    its windows once (L2 norm of the activations) and its blocks keep nested sets, so ratios
+    should not decrease within a stage. 0 runs timm's block unchanged. Returns the model."""
+    if isinstance(model, SwinTransformerV2Cr):
+        raise TypeError("SwinTransformerV2Cr (swinv2_cr_*) is not supported: its blocks (SwinTransformerV2CrBlock: "
+                        "meta-MLP position bias without 16*sigmoid, extra norm3) and NCHW stages have no sparse "
+                        "classes; SwinTransformerV2 (swinv2_*) is supported")
+    if isinstance(model, SwinTransformerV2):
+        _per_block_ratios(model, ratios)  # bad ratios fail before any change
+        swinv2.swap_classes(model)
+        return set_sparsity(model, ratios=ratios)
     if not isinstance(model, SwinTransformer):
-        raise TypeError(f"model must be a timm SwinTransformer, got {type(model).__name__}")
+        raise TypeError(f"model must be a timm SwinTransformer or SwinTransformerV2, got {type(model).__name__}")
     for s, stage in enumerate(model.layers):
         if type(stage) not in (SwinTransformerStage, SparseSwinStage):
             raise TypeError(f"model.layers[{s}] is a {type(stage).__name__}; patch.swin supports timm's "
@@ -217,7 +228,8 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
 
 
 def _is_patched_swin(model: nn.Module) -> bool:
-    return isinstance(model, SwinTransformer) and all(isinstance(s, SparseSwinStage) for s in model.layers)
+    return (isinstance(model, SwinTransformer) and all(isinstance(s, SparseSwinStage) for s in model.layers)) or \
+        (isinstance(model, SwinTransformerV2) and all(isinstance(s, swinv2.SparseSwinV2Stage) for s in model.layers))
 
 
 def _current_sparsity(model: nn.Module) -> dict:

@@ -169,8 +169,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, return_cls_att
 
 def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None):
     """softmax(q k^T * scale + bias[h] + mask[window_ids[m]]) v for windows [M, H, n, D],
-    computed in the inputs' dtype."""
+    computed in the inputs' dtype. scale: a number or a tensor [H] (one per head)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(q.dtype).view(-1, 1, 1)
     s = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(s.dtype)

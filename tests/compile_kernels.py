@@ -19,7 +19,8 @@ MAX_SHARED = {90: 227 * 1024}
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 ACTIVATIONS = {"q", "k", "v", "out", "dout", "dq", "dk", "dv",  # pointers in the inputs' dtype
                "x", "h", "weight", "residual", "ln_weight", "ln_bias", "dxn", "xn", "dx"}
-FLOAT32 = {"lse", "cls_heads", "delta", "bias", "mask", "dbias", "mean", "rstd", "partials"}  # pointers to float32
+FLOAT32 = {"lse", "cls_heads", "delta", "bias", "mask", "dbias", "mean", "rstd", "partials", "head_scale",
+           "dhead_scale"}  # pointers to float32
 SCALARS = {"qk_scale": "fp32", "scale": "fp32", "eps": "fp32", "cu_seqlens": "*i32", "window_ids": "*i64",
            "rows": "*i64"}
 
@@ -72,10 +73,12 @@ def main(arch: str = "90", dtype: str = "bf16"):
         for name in ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel"):
             compile_configs(f"varlen_attention.{name} D={head_dim}", getattr(varlen_attention, name), dtype,
                             constexprs, target)
-    # Swin's windows of 7x7, 8x8 and 12x12 tokens at its head dim 32; 7x7 also at 64.
+    # Swin's windows of 7x7, 8x8 and 12x12 tokens at its head dim 32; 7x7 also at 64. 8x8 with
+    # Swin V2's per-head scale.
     for dtype, (n, head_dim) in itertools.product(dtypes, ((49, 32), (64, 32), (144, 32), (49, 64))):
         q = torch.empty(1, 1, n, head_dim, dtype=dtype, device="meta")
-        constexprs = dict(window_attention._constexprs(q, q, q), UPCAST=False, BIAS_GRAD=True)
+        head_scale = q if n == 64 else None
+        constexprs = dict(window_attention._constexprs(q, q, q, head_scale), UPCAST=False, BIAS_GRAD=True)
         for name in ("_forward_kernel", "_backward_kernel"):
             compile_configs(f"window_attention.{name} n={n} D={head_dim}", getattr(window_attention, name), dtype,
                             constexprs, target)

@@ -1,5 +1,6 @@
 """window_attention: softmax attention within each of a batch of windows (the window path of a
-pruned Swin block), with the relative-position bias and the shift mask looked up per window.
+pruned Swin block), with the relative-position bias and the shift mask looked up per window,
+and a scale that is one number or one per head (Swin V2's learned logit scale).
 
 Dispatch, inside the custom ops (so torch.compile sees one opaque op either way):
 - CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 (how the tests run the kernels):
@@ -9,7 +10,7 @@ Dispatch, inside the custom ops (so torch.compile sees one opaque op either way)
   fused softmax in float32 over all windows at once.
 Both recompute the probabilities in the backward: nothing but the inputs is saved.
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -19,12 +20,17 @@ from ._dispatch import implementation
 
 
 # ------------------------------------------------------------------------ PyTorch path
-def _probabilities(q, k, window_ids, bias, mask, scale):
-    """softmax(q k^T * scale + bias + mask[window_ids]) [M, H, n, n] in float32 (float64 for
-    float64 inputs), and the inputs in that dtype."""
+def _full_scale(scale, head_scale, acc):
+    """The scale as a number or a [1, H, 1, 1] tensor in dtype acc."""
+    return scale if head_scale is None else scale * head_scale.to(acc).view(1, -1, 1, 1)
+
+
+def _probabilities(q, k, window_ids, bias, mask, scale, head_scale):
+    """softmax(q k^T * scale * head_scale[h] + bias + mask[window_ids]) [M, H, n, n] in float32
+    (float64 for float64 inputs), and the inputs in that dtype."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.to(acc), k.to(acc)
-    scores = (q * scale) @ k.transpose(-1, -2)
+    scores = (q * _full_scale(scale, head_scale, acc)) @ k.transpose(-1, -2)
     if bias is not None:
         scores += bias.to(acc)
     if mask is not None:
@@ -32,61 +38,72 @@ def _probabilities(q, k, window_ids, bias, mask, scale):
     return torch.softmax(scores, dim=-1), q, k
 
 
-def _forward_torch(q, k, v, window_ids, bias, mask, scale):
-    p, _, _ = _probabilities(q, k, window_ids, bias, mask, scale)
+def _forward_torch(q, k, v, window_ids, bias, mask, scale, head_scale=None):
+    p, _, _ = _probabilities(q, k, window_ids, bias, mask, scale, head_scale)
     return (p @ v.to(p.dtype)).to(q.dtype)
 
 
-def _backward_torch(dout, q, k, v, window_ids, bias, mask, scale, bias_grad):
-    p, q_acc, k_acc = _probabilities(q, k, window_ids, bias, mask, scale)
+def _backward_torch(dout, q, k, v, window_ids, bias, mask, scale, bias_grad, head_scale=None):
+    p, q_acc, k_acc = _probabilities(q, k, window_ids, bias, mask, scale, head_scale)
     dout, v = dout.to(p.dtype), v.to(p.dtype)
     dp = dout @ v.transpose(-1, -2)
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # the gradient of the scores
-    dq = (ds @ k_acc) * scale
-    dk = (ds.transpose(-1, -2) @ q_acc) * scale
+    ds_k = ds @ k_acc
+    full = _full_scale(scale, head_scale, p.dtype)
+    dq = ds_k * full
+    dk = (ds.transpose(-1, -2) @ q_acc) * full
     dv = p.transpose(-1, -2) @ dout
     dbias = ds.sum(0).to(bias.dtype) if bias_grad else q.new_empty(0)
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dbias
+    # d(scores)/d(head_scale[h]) = scale * q k^T, so the gradient is scale * sum(q * (dS k))
+    dhead_scale = q.new_empty(0, dtype=torch.float32) if head_scale is None else \
+        ((q_acc * ds_k).sum((0, 2, 3)) * scale).to(head_scale.dtype)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dbias, dhead_scale
 
 
 # -------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("sparse_ops::window_attention_fwd", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-                scale: float) -> Tensor:
-    """-> out [M, H, n, D]."""
+                scale: float, head_scale: Optional[Tensor] = None) -> Tensor:
+    """-> out [M, H, n, D]. head_scale: [H] multiplying scale (float32; float64 for float64
+    inputs), or None."""
     forward = implementation("window_attention", q, "forward", _forward_torch)
-    return forward(q, k, v, window_ids, bias, mask, scale)
+    return forward(q, k, v, window_ids, bias, mask, scale, head_scale)
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, window_ids, bias, mask, scale):
+def _forward_fake(q, k, v, window_ids, bias, mask, scale, head_scale=None):
     return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("sparse_ops::window_attention_bwd", mutates_args=())
 def _backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optional[Tensor],
-                 mask: Optional[Tensor], scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> dq, dk, dv [M, H, n, D] and dbias [H, n, n] (empty unless bias_grad)."""
+                 mask: Optional[Tensor], scale: float, bias_grad: bool,
+                 head_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv [M, H, n, D], dbias [H, n, n] (empty unless bias_grad) and dhead_scale
+    [H] in head_scale's dtype (empty without head_scale)."""
     backward = implementation("window_attention", q, "backward", _backward_torch)
-    return backward(dout, q, k, v, window_ids, bias, mask, scale, bias_grad)
+    return backward(dout, q, k, v, window_ids, bias, mask, scale, bias_grad, head_scale)
 
 
 @_backward_op.register_fake
-def _backward_fake(dout, q, k, v, window_ids, bias, mask, scale, bias_grad):
+def _backward_fake(dout, q, k, v, window_ids, bias, mask, scale, bias_grad, head_scale=None):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+    dhead_scale = q.new_empty(0, dtype=torch.float32) if head_scale is None else head_scale.new_empty(head_scale.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias, dhead_scale
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window_ids, bias, mask, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, window_ids, bias, mask)
+    q, k, v, window_ids, bias, mask, ctx.scale, head_scale = inputs
+    ctx.save_for_backward(q, k, v, window_ids, bias, mask, head_scale)
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[4]
 
 
 def _backward(ctx, dout):
-    q, k, v, window_ids, bias, mask = ctx.saved_tensors
-    dq, dk, dv, dbias = _backward_op(dout, q, k, v, window_ids, bias, mask, ctx.scale, ctx.bias_grad)
-    return dq, dk, dv, None, dbias if ctx.bias_grad else None, None, None
+    q, k, v, window_ids, bias, mask, head_scale = ctx.saved_tensors
+    dq, dk, dv, dbias, dhead_scale = _backward_op(dout, q, k, v, window_ids, bias, mask, ctx.scale, ctx.bias_grad,
+                                                  head_scale)
+    dhead_scale = dhead_scale if head_scale is not None and ctx.needs_input_grad[7] else None
+    return dq, dk, dv, None, dbias if ctx.bias_grad else None, None, None, dhead_scale
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -94,14 +111,16 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ------------------------------------------------------------------------ public op
 def window_attention(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optional[Tensor] = None,
-                     mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+                     mask: Optional[Tensor] = None, scale: Union[None, float, Tensor] = None) -> Tensor:
     """softmax(q k^T * scale + bias[h] + mask[window_ids[m]]) v within each window.
 
     q, k, v: [M, H, n, D] (M windows of n tokens, H heads), any strides, e.g. the views that
     ``qkv.reshape(M, n, 3, H, D).permute(2, 0, 3, 1, 4)`` gives. bias: the relative-position
     bias [H, n, n] in q's dtype or float32 (differentiable). mask: timm's shift mask [nW, n, n]
     (0 / -100, any float dtype; not differentiable), window m uses mask[window_ids[m]]; window_ids
-    int64 [M]. scale defaults to D**-0.5. Returns out [M, H, n, D] in q's dtype.
+    int64 [M]. scale: a number (default D**-0.5) or a tensor [H], one per head (Swin V2's
+    clamped exp(logit_scale), differentiable; computed in float32). Returns out [M, H, n, D] in
+    q's dtype.
     """
     check.qkv(q, k, v, "[M, H, n, D]")
     M, H, n, D = q.shape
@@ -120,4 +139,11 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: 
             raise ValueError(f"mask must have shape [nW, n, n] = [nW, {n}, {n}], got {list(mask.shape)}")
         check.same_device(q=q, mask=mask)
         check.in_range(window_ids, "window_ids", 0, mask.shape[0])
+    if isinstance(scale, Tensor):
+        check.tensor(scale, "scale", 1, "[H]")
+        if scale.shape[0] != H:
+            raise ValueError(f"scale must be a number or have one entry per head ([H] = [{H}]), got {list(scale.shape)}")
+        check.same_device(q=q, scale=scale)
+        stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return _forward_op(q, k, v, window_ids, bias, mask, 1.0, scale.to(stat))
     return _forward_op(q, k, v, window_ids, bias, mask, check.scale(scale, D))
