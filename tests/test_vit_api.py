@@ -180,6 +180,10 @@ def test_forward_features_is_the_full_grid_and_forward_head_of_it_is_forward(con
     assert isinstance(tokens, Tokens)
     torch.testing.assert_close(tokens.x, features.reshape(-1, features.shape[-1])[tokens.index])
     torch.testing.assert_close(ours.forward_head(tokens), ref_logits)
+    features.square().sum().backward()  # through the restoring scatter: paused rows included
+    net.norm(ref_grids[-1]).square().sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), net.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 # ---------------------------------------------------------- forward_intermediates
