@@ -169,7 +169,7 @@ def plan_text() -> str:
     for p in PHASES:
         lines.append(f"  {p.name:<11} {p.budget_s:>4} s  {p.what}")
     lines += [f"  {'summary':<11} {SUMMARY_S:>4} s  summary.md / summary.json: per target, the number reached and hit / miss",
-              "", f"results: benchmarks/results/<device>/", "", "sanitizer runs:"]
+              "", "results: benchmarks/results/<device>/", "", "sanitizer runs:"]
     lines += [f"  pytest {shlex.join(args)}" for args in SANITIZED]
     lines += ["", "bench cases (bf16, harness timing):"]
     for case, cfg in runs:
