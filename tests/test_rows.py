@@ -53,11 +53,19 @@ def test_scatter_rows(device, dtype, R, C, T):
     assert torch.equal(out[untouched], base[untouched])
 
 
-def test_scatter_rows_non_contiguous(device):
-    base = torch.randn(16, 20, device=device)[:, 2:12]
+@pytest.mark.parametrize("layout", ["row-stride", "column-major"])
+def test_scatter_rows_non_contiguous(device, layout):
+    """A base whose rows are not packed (a column slice) or not rows at all (transposed): the
+    output is still base with the rows replaced, and base is left as it was."""
+    if layout == "row-stride":
+        base = torch.randn(16, 20, device=device)[:, 2:12]
+    else:
+        base = torch.randn(10, 16, device=device).t()
+    before = base.clone()
     y = torch.randn(10, 6, device=device).t()
     rows = random_rows(16, 6, device, unique=True)
     assert torch.equal(sparse_ops.scatter_rows(y, rows, base), reference.scatter_rows(y, rows, base))
+    assert torch.equal(base, before)
 
 
 @pytest.mark.parametrize("R,C,T", SHAPES + [(3, 5, 50)])

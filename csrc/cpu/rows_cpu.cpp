@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
 
 #include "../sparse_ops.h"
 
@@ -44,22 +45,33 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& rows) {
   return out;
 }
 
+// One pass over the output, each row written once: from y where rows points at it, else
+// from base (a clone of base and then the copies of y would write the kept rows twice).
 at::Tensor scatter_rows_cpu(const at::Tensor& y, const at::Tensor& rows, const at::Tensor& base) {
   check_scatter_args(y, rows, base);
   const at::Tensor src = y.contiguous();
   const at::Tensor idx = rows.contiguous();
-  at::Tensor out = base.clone(at::MemoryFormat::Contiguous);
-  const int64_t n = idx.numel();
-  const int64_t row_bytes = out.size(1) * out.element_size();
+  const at::Tensor dense = base.stride(1) == 1 ? base : base.contiguous();
+  const int64_t n = idx.numel(), num_rows = dense.size(0);
+  const int64_t row_bytes = dense.size(1) * dense.element_size();
+  const int64_t base_stride = dense.stride(0) * dense.element_size();
   const int64_t* r = idx.data_ptr<int64_t>();
-  check_row_values(r, n, out.size(0));
-  const char* in = static_cast<const char*>(src.data_ptr());
+  check_row_values(r, n, num_rows);
+  std::vector<int64_t> source(num_rows, -1);  // the row of y that replaces each row of base
+  for (int64_t t = 0; t < n; ++t) {
+    if (r[t] >= 0) source[r[t]] = t;
+  }
+  at::Tensor out = at::empty({num_rows, dense.size(1)}, dense.options());
+  const char* from_y = static_cast<const char*>(src.data_ptr());
+  const char* from_base = static_cast<const char*>(dense.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, n, at::internal::GRAIN_SIZE / std::max<int64_t>(row_bytes, 1) + 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      if (r[t] >= 0) std::memcpy(o + r[t] * row_bytes, in + t * row_bytes, row_bytes);
-    }
-  });
+  at::parallel_for(0, num_rows, at::internal::GRAIN_SIZE / std::max<int64_t>(row_bytes, 1) + 1,
+                   [&](int64_t b, int64_t e) {
+                     for (int64_t i = b; i < e; ++i) {
+                       const char* row = source[i] >= 0 ? from_y + source[i] * row_bytes : from_base + i * base_stride;
+                       std::memcpy(o + i * row_bytes, row, row_bytes);
+                     }
+                   });
   return out;
 }
 
