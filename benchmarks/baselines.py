@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import window_partition, window_reverse
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 
 from sparse_ops.select import kept_count
 
@@ -21,6 +22,7 @@ MODELS = {
     "deit_small": ("deit_small_patch16_224", {}),
     "deit_base": ("deit_base_patch16_224", {}),
     "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
+    "swinv2_tiny": ("swinv2_tiny_window8_256", {}),
     # Tiny stand-ins for --quick, the smoke run of the tests (18x18 tokens: padded windows).
     "vit_test": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
                                               num_classes=10)),
@@ -126,7 +128,7 @@ def sparsevit_block(block, x: torch.Tensor, num_keep: int) -> torch.Tensor:
     window_partition the map, score each window by the L2 norm of its tokens' mean |x|, keep
     the top num_keep per image (torch.gather), run the unchanged WindowAttention (with the
     shift mask indexed by window) and MLP on them, scatter them back; pruned windows pass
-    through unchanged."""
+    through unchanged. A Swin V2 block (res-post-norm) normalises after each branch instead."""
     B, H, W, C = x.shape
     (wh, ww), (sh, sw) = block.window_size, block.shift_size
 
@@ -139,10 +141,14 @@ def sparsevit_block(block, x: torch.Tensor, num_keep: int) -> torch.Tensor:
     ids = frame.abs().mean(-1).norm(dim=-1).topk(num_keep, dim=1).indices  # [B, K]
     index = ids[:, :, None, None].expand(-1, -1, wh * ww, C)
     kept = torch.gather(frame, 1, index).flatten(0, 1)  # [B*K, wh*ww, C]
-    normed = torch.gather(windows(block.norm1(x)), 1, index).flatten(0, 1)  # padding stays zero, as in timm
     mask = None if block.attn_mask is None else block.attn_mask[ids.flatten()]
-    y = kept + block.drop_path1(block.attn(normed, mask=mask))
-    y = y + block.drop_path2(block.mlp(block.norm2(y)))
+    if isinstance(block, SwinTransformerV2Block):
+        y = kept + block.drop_path1(block.norm1(block.attn(kept, mask=mask)))
+        y = y + block.drop_path2(block.norm2(block.mlp(y)))
+    else:
+        normed = torch.gather(windows(block.norm1(x)), 1, index).flatten(0, 1)  # padding stays zero, as in timm
+        y = kept + block.drop_path1(block.attn(normed, mask=mask))
+        y = y + block.drop_path2(block.mlp(block.norm2(y)))
     frame = frame.scatter(1, index, y.view(B, num_keep, wh * ww, C))
     Hp, Wp = H + (-H) % wh, W + (-W) % ww
     out = window_reverse(frame.view(-1, wh, ww, C), (wh, ww), Hp, Wp)[:, :H, :W]

@@ -72,7 +72,8 @@ def swin_attention(block, kept_windows: float) -> float:
     kept_windows whole windows (padding included, as timm does)."""
     area = swin_windows(block)[1]
     attn_tokens, attn_dim = kept_windows * area, block.attn.qkv.out_features // 3
-    return 2 * attn_tokens * _weights(block.attn) + attention_core(attn_tokens, area, attn_dim)
+    per_token = _weights(block.attn.qkv) + _weights(block.attn.proj)  # not V2's position-bias MLP: once per block
+    return 2 * attn_tokens * per_token + attention_core(attn_tokens, area, attn_dim)
 
 
 def swin_block(block, kept_windows: Optional[float] = None) -> float:

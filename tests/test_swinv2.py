@@ -173,3 +173,14 @@ def test_unsupported_variants_raise():
         patch.swin(net)
     with pytest.raises(ValueError, match="ratios must be in"):
         patch.swin(make_swinv2(), ratios=1.0)
+
+
+def test_naive_benchmark_block_is_timm_block_on_kept_windows():
+    from benchmarks.baselines import sparsevit_block
+    from benchmarks.flops import swin_windows
+    net = make_swinv2(**CONFIGS["dynamic 36x44"])
+    x = torch.randn(2, *net.layers[0].output_resolution, 16, generator=torch.Generator().manual_seed(4))
+    blk = net.layers[0].blocks[0]  # unshifted: the dynamic model has no static shift mask for the baseline
+    with torch.no_grad():
+        naive = sparsevit_block(blk, x, kept_count(0.5, swin_windows(blk)[0]))
+        assert (naive - kept_only(blk, x, x, blk(x), 0.5)).abs().max() < 1e-5

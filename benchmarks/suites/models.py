@@ -12,6 +12,8 @@ configuration) only, without torch.compile.
   stage 3: 0). dense = the timm model; naive = SparseViT-style (roll, pad, partition, top
   windows by L2 norm, unchanged timm attention and MLP on those, scatter back); ours =
   sparse_ops.patch.swin(model, ratios).
+- Swin V2-T (swinv2_tiny_window8_256) at 512x512 with a window sparsity s in every block:
+  the same three methods (naive: SparseViT-style around V2's res-post-norm block).
 Speedups are over dense; sparsity is the fraction of the model's FLOPs pruned (for the
 adaptive mode, from the counts the naive baseline kept on the benchmark batch)."""
 import torch
@@ -79,8 +81,10 @@ def cases(cfg: Config):
                            dict(model=model, batch=batch, mass=m),
                            lambda model=model, batch=batch, m=m: _vit(cfg, model, batch, mass=m))
 
-    swins = pick(cfg, quick=(("swin_test", None, 1),), cpu=(("swin_tiny", 224, 1), ("swin_tiny", 672, 1)),
-                 cuda=(("swin_tiny", 224, 64), ("swin_tiny", 224, 1), ("swin_tiny", 672, 4), ("swin_tiny", 672, 1)))
+    swins = pick(cfg, quick=(("swin_test", None, 1),),
+                 cpu=(("swin_tiny", 224, 1), ("swin_tiny", 672, 1), ("swinv2_tiny", 512, 1)),
+                 cuda=(("swin_tiny", 224, 64), ("swin_tiny", 224, 1), ("swin_tiny", 672, 4), ("swin_tiny", 672, 1),
+                       ("swinv2_tiny", 512, 8), ("swinv2_tiny", 512, 1)))
     window_ratios = pick(cfg, quick=(0.0, 0.5), cpu=(0.0, 0.4, 0.8), cuda=(0.0, 0.2, 0.4, 0.6, 0.8))
     for model, img_size, batch in swins:
         size = f"{model}_{img_size}" if img_size else model
@@ -91,4 +95,5 @@ def cases(cfg: Config):
         for label, ratios, group in configs:
             yield Case(NAME, f"{NAME}/{size}/b{batch}/{label}", group,
                        dict(model=model, img_size=img_size, batch=batch, ratios=ratios),
-                       lambda img_size=img_size, batch=batch, ratios=ratios: _swin(cfg, model, img_size, batch, ratios))
+                       lambda model=model, img_size=img_size, batch=batch, ratios=ratios:
+                       _swin(cfg, model, img_size, batch, ratios))
