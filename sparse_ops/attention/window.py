@@ -6,8 +6,9 @@ Dispatch, inside the custom ops (so torch.compile sees one opaque op either way)
 - CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 (how the tests run the kernels):
   the Triton kernels of sparse_ops.kernels.window_attention;
 - other CPU tensors, float64 on any device (the kernels accumulate in float32), and CUDA
-  tensors where triton is not installed (with a warning): plain PyTorch, batched matmuls and a
-  fused softmax in float32 over all windows at once.
+  tensors where triton is not installed (with a warning): plain PyTorch in float32 over all
+  windows at once: on the CPU torch's flash kernel forward, elsewhere (and for the backward)
+  batched matmuls and a fused softmax.
 Both recompute the probabilities in the backward: nothing but the inputs is saved.
 """
 from typing import Optional, Union
@@ -39,8 +40,28 @@ def _probabilities(q, k, window_ids, bias, mask, scale, head_scale):
 
 
 def _forward_torch(q, k, v, window_ids, bias, mask, scale, head_scale=None):
+    if q.device.type == "cpu":
+        return _forward_cpu_flash(q, k, v, window_ids, bias, mask, scale, head_scale)
     p, _, _ = _probabilities(q, k, window_ids, bias, mask, scale, head_scale)
     return (p @ v.to(p.dtype)).to(q.dtype)
+
+
+def _forward_cpu_flash(q, k, v, window_ids, bias, mask, scale, head_scale):
+    """The forward on the CPU: torch's flash kernel (what SDPA runs there, reading q, k, v
+    through their strides, no score matrix in memory) with bias + mask[window_ids] as one
+    additive mask, broadcast where only one of them is given; the per-head scale folded
+    into q."""
+    dtype, acc = q.dtype, torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    if head_scale is not None:
+        q = q * head_scale.to(acc).view(1, -1, 1, 1)
+    additive = None if bias is None else bias.to(acc).unsqueeze(0)  # [1, H, n, n]
+    if mask is not None:
+        window_mask = mask[window_ids].unsqueeze(1).to(acc)  # [M, 1, n, n]
+        additive = window_mask if additive is None else additive + window_mask
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive,
+                                                                        scale=scale)
+    return out.to(dtype).contiguous()
 
 
 def _backward_torch(dout, q, k, v, window_ids, bias, mask, scale, bias_grad, head_scale=None):
