@@ -4,13 +4,14 @@ sparse_ops.nn (as ToMe patches timm), in place. Parameters, buffers and state_di
 the same, so timm checkpoints load before or after patching, and at zero sparsity the model
 computes exactly what timm's does. ``set_sparsity`` changes the density at run time."""
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Iterable, Optional, Sequence, Union
 
 from timm.layers import Mlp
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
-from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Stage
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
@@ -136,44 +137,89 @@ def _check_vit_block(blk: nn.Module, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------ Swin
-def swin(model: SwinTransformer, ratios: Union[float, Sequence[float]] = 0.0) -> SwinTransformer:
+def swin(model: nn.Module, ratios: Union[float, Sequence[float]] = 0.0, inplace: bool = True) -> nn.Module:
     """Window pruning (SparseViT) for a timm SwinTransformer (v1) or SwinTransformerV2
-    (sparse_ops.nn.swinv2), in place, at any input size. ratios: the fraction of windows
-    each block prunes, in [0, 1): one float, one per stage, or one per block. A stage scores
-    its windows once (L2 norm of the activations) and its blocks keep nested sets, so ratios
-    should not decrease within a stage. 0 runs timm's block unchanged. Returns the model."""
+    (sparse_ops.nn.swinv2), in place, at any input size; or for the backbone
+    timm.create_model(..., features_only=True) builds around one (FeatureListNet,
+    FeatureDictNet, FeatureHookNet, or FeatureGetterNet over forward_intermediates), which
+    then returns timm's feature maps, pruned. ratios: the fraction of windows each block
+    prunes, in [0, 1): one float, one per stage, or one per block (of the stages the model
+    holds). A stage scores its windows once (L2 norm of the activations) and its blocks keep
+    nested sets, so ratios should not decrease within a stage. 0 runs timm's block
+    unchanged. inplace: in inference a block may write into activations its stage made that
+    no forward hook can see (see SparseSwinStage); False: every block allocates its output.
+    Returns the model."""
     if isinstance(model, SwinTransformerV2Cr):
         raise TypeError("SwinTransformerV2Cr (swinv2_cr_*) is not supported: its blocks (SwinTransformerV2CrBlock: "
                         "meta-MLP position bias without 16*sigmoid, extra norm3) and NCHW stages have no sparse "
                         "classes; SwinTransformerV2 (swinv2_*) is supported")
-    if isinstance(model, SwinTransformerV2):
-        _per_block_ratios(model, ratios)  # bad ratios fail before any change
-        swinv2.swap_classes(model)
-        return set_sparsity(model, ratios=ratios)
-    if not isinstance(model, SwinTransformer):
-        raise TypeError(f"model must be a timm SwinTransformer or SwinTransformerV2, got {type(model).__name__}")
-    for s, stage in enumerate(model.layers):
-        if type(stage) not in (SwinTransformerStage, SparseSwinStage):
-            raise TypeError(f"model.layers[{s}] is a {type(stage).__name__}; patch.swin supports timm's "
-                            "SwinTransformerStage")
-        for b, blk in enumerate(stage.blocks):
-            name = f"model.layers[{s}].blocks[{b}]"
-            if type(blk) not in (SwinTransformerBlock, SparseSwinBlock):
-                raise TypeError(f"{name} is a {type(blk).__name__}; patch.swin supports timm's SwinTransformerBlock")
-            if not isinstance(blk.norm1, nn.LayerNorm) or not isinstance(blk.norm2, nn.LayerNorm):
-                raise TypeError(f"{name}: norm1 and norm2 must be LayerNorms (fused into the next GEMM)")
-            if not isinstance(blk.mlp, Mlp) or blk.attn.attn_drop.p > 0:
-                raise TypeError(f"{name}: patch.swin needs timm's Mlp and no attention dropout")
-    for stage in model.layers:
-        stage.__class__ = SparseSwinStage
-        for blk in stage.blocks:
-            blk.__class__ = SparseSwinBlock
+    stages = _swin_stages(model)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    _per_block_ratios(stages, ratios)  # bad ratios fail before any change
+    if any(isinstance(stage, SwinTransformerV2Stage) for _, stage in stages):
+        swinv2.swap_classes(SimpleNamespace(layers=[stage for _, stage in stages]))
+    else:
+        _swap_swin_classes(stages)
+    for _, stage in stages:
+        stage.inplace = inplace
     set_sparsity(model, ratios=ratios)
     return model
 
 
-def _per_block_ratios(model: SwinTransformer, ratios) -> list:
-    depths = [len(stage.blocks) for stage in model.layers]
+def _swap_swin_classes(stages: list) -> None:
+    for name, stage in stages:
+        if type(stage) not in (SwinTransformerStage, SparseSwinStage):
+            raise TypeError(f"{name} is a {type(stage).__name__}; patch.swin supports timm's SwinTransformerStage")
+        for b, blk in enumerate(stage.blocks):
+            where = f"{name}.blocks[{b}]"
+            if type(blk) not in (SwinTransformerBlock, SparseSwinBlock):
+                raise TypeError(f"{where} is a {type(blk).__name__}; patch.swin supports timm's SwinTransformerBlock")
+            if not isinstance(blk.norm1, nn.LayerNorm) or not isinstance(blk.norm2, nn.LayerNorm):
+                raise TypeError(f"{where}: norm1 and norm2 must be LayerNorms (fused into the next GEMM)")
+            if not isinstance(blk.mlp, Mlp) or blk.attn.attn_drop.p > 0:
+                raise TypeError(f"{where}: patch.swin needs timm's Mlp and no attention dropout")
+    for _, stage in stages:
+        stage.__class__ = SparseSwinStage
+        for blk in stage.blocks:
+            blk.__class__ = SparseSwinBlock
+
+
+_SWINS = (SwinTransformer, SwinTransformerV2)
+_SWIN_MODELS = "a timm SwinTransformer, SwinTransformerV2 or a features_only wrapper around one"
+
+
+def _swin_stages(model: nn.Module) -> list:
+    """(name, stage) for each Swin stage model holds, in order; a TypeError for anything
+    that is not a Swin or a feature wrapper timm builds around one."""
+    if isinstance(model, _SWINS):
+        return [(f"model.layers[{s}]", stage) for s, stage in enumerate(model.layers)]
+    if isinstance(model, FeatureGetterNet) and isinstance(model.model, _SWINS):
+        stages = [(f"model.model.layers[{s}]", stage) for s, stage in enumerate(model.model.layers)]
+        _check_out_indices(model.out_indices, len(stages), model)
+        return stages
+    if isinstance(model, FeatureHookNet) and isinstance(model["body"] if "body" in model else None, _SWINS):
+        return [(f"model.body.layers[{s}]", stage) for s, stage in enumerate(model["body"].layers)]
+    if isinstance(model, (FeatureDictNet, FeatureHookNet)):  # the Swin's children, its Sequential flattened
+        names = list(model.keys())
+        if names[:1] == ["patch_embed"] and names[1:] == [f"layers_{s}" for s in range(len(names) - 1)]:
+            _check_out_indices(model.feature_info.out_indices, len(names) - 1, model)
+            return [(f"model.{name}", model[name]) for name in names[1:]]
+        raise TypeError(f"model is a {type(model).__name__} holding {names}, not a Swin's patch_embed and "
+                        f"layers_0, layers_1, ...; patch.swin takes {_SWIN_MODELS}")
+    around = f" around a {type(model.model).__name__}" if isinstance(model, FeatureGetterNet) else ""
+    raise TypeError(f"model must be {_SWIN_MODELS} (FeatureListNet, FeatureDictNet, FeatureHookNet, "
+                    f"FeatureGetterNet), got {type(model).__name__}{around}")
+
+
+def _check_out_indices(out_indices, num_stages: int, model: nn.Module) -> None:
+    if any(not -num_stages <= i < num_stages for i in out_indices):
+        raise ValueError(f"out_indices {tuple(out_indices)} of the {type(model).__name__} are out of range: "
+                         f"it holds {num_stages} Swin stages")
+
+
+def _per_block_ratios(stages: list, ratios) -> list:
+    depths = [len(stage.blocks) for _, stage in stages]
     if isinstance(ratios, (int, float)) and not isinstance(ratios, bool):
         per_block = [float(ratios)] * sum(depths)
     elif isinstance(ratios, (list, tuple)) and len(ratios) == len(depths):
@@ -220,16 +266,20 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
             raise ValueError("keep_rate and mass are for ViT models; a Swin model takes ratios")
         if ratios is None:
             raise ValueError("pass ratios")
-        blocks = [blk for stage in model.layers for blk in stage.blocks]
-        for blk, r in zip(blocks, _per_block_ratios(model, ratios)):
+        stages = _swin_stages(model)
+        blocks = [blk for _, stage in stages for blk in stage.blocks]
+        for blk, r in zip(blocks, _per_block_ratios(stages, ratios)):
             blk.sparsity = r
         return model
     raise TypeError(f"model must be patched by sparse_ops.patch.vit or patch.swin first, got {type(model).__name__}")
 
 
 def _is_patched_swin(model: nn.Module) -> bool:
-    return (isinstance(model, SwinTransformer) and all(isinstance(s, SparseSwinStage) for s in model.layers)) or \
-        (isinstance(model, SwinTransformerV2) and all(isinstance(s, swinv2.SparseSwinV2Stage) for s in model.layers))
+    try:
+        stages = _swin_stages(model)
+    except (TypeError, ValueError):
+        return False
+    return all(isinstance(stage, (SparseSwinStage, swinv2.SparseSwinV2Stage)) for _, stage in stages)
 
 
 def _current_sparsity(model: nn.Module) -> dict:
@@ -240,5 +290,5 @@ def _current_sparsity(model: nn.Module) -> dict:
             return dict(keep_rate=1.0)
         return dict(mass=blk.mass) if blk.mass is not None else dict(keep_rate=blk.keep_rate)
     if _is_patched_swin(model):
-        return dict(ratios=[blk.sparsity for stage in model.layers for blk in stage.blocks])
+        return dict(ratios=[blk.sparsity for _, stage in _swin_stages(model) for blk in stage.blocks])
     raise TypeError(f"model must be patched by sparse_ops.patch.vit or patch.swin, got {type(model).__name__}")

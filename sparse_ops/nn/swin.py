@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerStage
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils.checkpoint import checkpoint
 
 from .._backend import kernel
@@ -46,6 +47,8 @@ class SparseSwinBlock(SwinTransformerBlock):
         one for all its blocks), else computed from x. inplace: write into x (a stage does
         that for tensors it owns when no gradient is needed)."""
         B, H, W, C = x.shape
+        if B == 0:  # nothing to compute (timm's dense block cannot reshape an empty batch)
+            return x.clone()
         K = self.kept_windows(H, W)
         if K == self.num_windows(H, W):
             return super().forward(x)
@@ -54,10 +57,11 @@ class SparseSwinBlock(SwinTransformerBlock):
         attn, mlp = self.attn, self.mlp
         x2d = x.reshape(-1, C)
         M, n = B * K, self.window_area
-        qkv = norm_linear(x2d, rows, self.norm1, attn.qkv).view(M, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        head_dim = attn.qkv.out_features // (3 * attn.num_heads)  # explicit: M may be 0 (batch 0)
+        qkv = norm_linear(x2d, rows, self.norm1, attn.qkv).view(M, n, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         o = _window._forward_op(*qkv.unbind(0), windows.view(-1), attn._get_rel_pos_bias()[0],
                                 self._shift_mask(H, W, x), attn.scale)
-        o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(M * n, -1)))
+        o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(M * n, attn.num_heads * head_dim)))
         sample = torch.arange(B, device=x.device).repeat_interleave(K * n) if self.training else None
         y = gather(x2d, rows) + drop_path(self.drop_path1, o, sample, B)
         h = mlp.norm(mlp.drop1(mlp.act(norm_linear(y, None, self.norm2, mlp.fc1))))
@@ -78,10 +82,21 @@ class SparseSwinBlock(SwinTransformerBlock):
         return self.get_attn_mask(frame)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook can see module's input or output (its own or a global one)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
+                or _global_forward_pre_hooks)
+
+
 class SparseSwinStage(SwinTransformerStage):
     """timm's SwinTransformerStage whose sparse blocks share one window ranking per window
-    grid, computed on the stage's input, and write in place into the tensors the stage owns
-    when no gradient is needed (pruned windows then cost no memory traffic)."""
+    grid, computed on the stage's input. In inference (no gradient) a block writes in place
+    into its input when that is a tensor this stage made and nobody else has seen: the output
+    of the stage's downsample or of the previous block, when no forward hook is registered on
+    them (their subtree, for the downsample) or on the block, nor globally. Pruned windows
+    then cost no memory traffic, and what a hook or caller holds never changes under it.
+    inplace=False (patch.swin's argument) makes every block allocate its output."""
+    inplace: bool = True
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
@@ -93,13 +108,18 @@ class SparseSwinStage(SwinTransformerStage):
                 key = (tuple(blk.window_size), tuple(blk.shift_size))
                 most[key], ranker[key] = max(most.get(key, 0), K), blk
         orders = {key: ranker[key].rank_windows(x, K) for key, K in most.items()}
-        no_grad = not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        owned = not isinstance(self.downsample, nn.Identity)
+        may_write = self.inplace and not (torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        # the stage's own tensor: the downsample's fresh output (an Identity passes the caller's)
+        owned = may_write and not isinstance(self.downsample, nn.Identity) and not any(
+            _hooked(m) for m in self.downsample.modules())
         for blk in self.blocks:
             order = orders.get((tuple(blk.window_size), tuple(blk.shift_size)))
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, order, False, use_reentrant=False)
+                owned = False
             else:
-                x = blk(x, order=order, inplace=owned and no_grad)
-            owned = True  # every block returns a tensor of its own (or the owned one it wrote into)
+                hooked = _hooked(blk)
+                x = blk(x, order=order, inplace=owned and not hooked)
+                owned = may_write and not hooked  # a block returns its input written in place or a new tensor
         return x
