@@ -5,7 +5,10 @@ Index values are checked too (one small reduction, which synchronises on CUDA). 
 ``no_index_checks()`` and under torch.compile those value checks are skipped; the kernels
 still never read or write out of bounds (a CPU kernel raises, a CUDA kernel asserts).
 """
+import collections.abc
 import contextlib
+import numbers as _numbers
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -86,7 +89,7 @@ def integer(value, name: str, minimum: int = 0) -> int:
 
 
 def rate(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, _numbers.Real):
         raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -117,3 +120,83 @@ def unique_windows(windows: torch.Tensor, name: str) -> None:
         ids = windows.sort(dim=1).values
         if bool((ids[:, 1:] == ids[:, :-1]).any()):
             raise ValueError(f"{name} repeats a window id within an image: written windows must be unique")
+
+
+# ------------------------------------------------------------ arguments of the model API
+def _scalar(value) -> Optional[float]:
+    """value as a float if it is one real number (a Python or numpy number, or a 0-d tensor
+    or array), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, _numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        item = value.item()
+        if isinstance(item, _numbers.Real) and not isinstance(item, bool):
+            return float(item)
+    return None
+
+
+def _sequence(value, name: str, what: str) -> list:
+    """The entries of a 1-D sequence: a list, tuple, range, numpy array, tensor or any other
+    collections.abc.Sequence (not a str)."""
+    if hasattr(value, "ndim") and hasattr(value, "tolist"):  # tensor or numpy array
+        if value.ndim != 1:
+            raise ValueError(f"{name} must be {what} (1-D), got shape {list(value.shape)}")
+        return value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Sequence):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return list(value)
+
+
+def numbers(value, name: str, what: str = "a sequence of numbers") -> List[float]:
+    """Any 1-D sequence of real numbers (list, tuple, numpy array, tensor, ...) as floats."""
+    entries = _sequence(value, name, what)
+    out = [_scalar(v) for v in entries]
+    if any(v is None for v in out):
+        bad = next(e for e, v in zip(entries, out) if v is None)
+        raise TypeError(f"{name} must be {what}, got an entry {bad!r} ({type(bad).__name__})")
+    return out
+
+
+def integers(value, name: str, what: str = "a sequence of ints") -> List[int]:
+    """Any 1-D sequence of ints (list, tuple, range, integer numpy array or tensor) as ints."""
+    entries = _sequence(value, name, what)
+    bad = [v for v in entries if isinstance(v, bool) or not isinstance(v, _numbers.Integral)]
+    if bad:
+        raise TypeError(f"{name} must be {what}, got an entry {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(v) for v in entries]
+
+
+def window_ratios(ratios, depths: Sequence[int]) -> List[float]:
+    """Per-block window pruning ratios of a Swin whose stages have `depths` blocks, from one
+    number, one per stage or one per block (any sequence of numbers). Each must be in [0, 1)
+    and, within a stage, not below the block before it: a stage ranks its windows once and its
+    blocks keep nested sets of them, so a decrease raises a ValueError naming stage and block."""
+    total = sum(depths)
+    expected = f"a float, one per stage ({len(depths)}) or one per block ({total})"
+    single = _scalar(ratios)
+    if single is not None:
+        per_block = [single] * total
+    else:
+        values = numbers(ratios, "ratios", expected)
+        if len(values) == len(depths):
+            per_block = [r for r, depth in zip(values, depths) for _ in range(depth)]
+        elif len(values) == total:
+            per_block = values
+        else:
+            raise ValueError(f"ratios must be {expected}, got {len(values)} values {values}")
+    bad = [r for r in per_block if not 0.0 <= r < 1.0]
+    if bad:
+        raise ValueError(f"ratios must be in [0, 1) (the fraction of windows pruned), got {bad[0]}")
+    start = 0
+    for stage, depth in enumerate(depths):
+        for block in range(1, depth):
+            before, now = per_block[start + block - 1], per_block[start + block]
+            if now < before:
+                raise ValueError(
+                    f"ratios decrease within stage {stage}: block {block} has {now} after block {block - 1}'s "
+                    f"{before}. A stage's blocks keep nested window sets, so ratios must not decrease within a "
+                    "stage (sparse_ops.search.sorted_within_stages sorts a configuration that way)")
+        start += depth
+    return per_block

@@ -66,9 +66,7 @@ def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] 
     if model.attn_pool is not None or model.global_pool not in ("token", "avg", ""):
         raise ValueError(f"patch.vit supports global_pool 'token', 'avg' or '', got {model.global_pool!r}")
     depth = len(model.blocks)
-    layers = default_prune_layers(depth) if prune_layers is None else prune_layers
-    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise TypeError(f"prune_layers must be a sequence of ints, got {prune_layers!r}")
+    layers = default_prune_layers(depth) if prune_layers is None else check.integers(prune_layers, "prune_layers")
     if any(not 1 <= i < depth for i in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"prune_layers must be distinct block indices in [1, {depth}) (a block prunes on the "
                          f"previous block's class attention), got {list(layers)}")
@@ -144,8 +142,9 @@ def swin(model: nn.Module, ratios: Union[float, Sequence[float]] = 0.0, inplace:
     FeatureDictNet, FeatureHookNet, or FeatureGetterNet over forward_intermediates), which
     then returns timm's feature maps, pruned. ratios: the fraction of windows each block
     prunes, in [0, 1): one float, one per stage, or one per block (of the stages the model
-    holds). A stage scores its windows once (L2 norm of the activations) and its blocks keep
-    nested sets, so ratios should not decrease within a stage. 0 runs timm's block
+    holds), as a list, tuple, numpy array or tensor. A stage scores its windows once (L2 norm
+    of the activations) and its blocks keep nested sets, so ratios must not decrease within a
+    stage: a decrease raises a ValueError naming the stage and block. 0 runs timm's block
     unchanged. inplace: in inference a block may write into activations its stage made that
     no forward hook can see (see SparseSwinStage); False: every block allocates its output.
     Returns the model."""
@@ -219,19 +218,7 @@ def _check_out_indices(out_indices, num_stages: int, model: nn.Module) -> None:
 
 
 def _per_block_ratios(stages: list, ratios) -> list:
-    depths = [len(stage.blocks) for _, stage in stages]
-    if isinstance(ratios, (int, float)) and not isinstance(ratios, bool):
-        per_block = [float(ratios)] * sum(depths)
-    elif isinstance(ratios, (list, tuple)) and len(ratios) == len(depths):
-        per_block = [float(r) for r, d in zip(ratios, depths) for _ in range(d)]
-    elif isinstance(ratios, (list, tuple)) and len(ratios) == sum(depths):
-        per_block = [float(r) for r in ratios]
-    else:
-        raise ValueError(f"ratios must be a float, one per stage ({len(depths)}) or one per block "
-                         f"({sum(depths)}), got {ratios!r}")
-    if any(not 0.0 <= r < 1.0 for r in per_block):
-        raise ValueError(f"ratios must be in [0, 1) (the fraction of windows pruned), got {ratios!r}")
-    return per_block
+    return check.window_ratios(ratios, [len(stage.blocks) for _, stage in stages])
 
 
 # ---------------------------------------------------------------------------- density
@@ -239,7 +226,8 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
                  ratios: Union[None, float, Sequence[float]] = None) -> nn.Module:
     """Change the density of a patched model at run time, on the same weights (SaiT's one
     model for many densities). ViT (patch.vit): keep_rate or mass (keep_rate=1.0: dense).
-    Swin (patch.swin): ratios as in patch.swin (0.0: dense). Returns the model."""
+    Swin (patch.swin): ratios as in patch.swin (0.0: dense; a ValueError where they decrease
+    within a stage). Returns the model."""
     wrapper = model
     if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), SparseVisionTransformer):
         model = model.model
@@ -249,10 +237,9 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
         if (keep_rate is None and mass is None) or (mass is not None and keep_rate not in (None, 1.0)):
             raise ValueError("pass exactly one of keep_rate and mass")
         if mass is not None:
-            check.rate(mass, "mass")
-            keep_rate = 1.0
+            mass, keep_rate = check.rate(mass, "mass"), 1.0
         else:
-            check.rate(keep_rate, "keep_rate")
+            keep_rate = check.rate(keep_rate, "keep_rate")
         if (mass is not None or keep_rate < 1.0) and model.cls_token is None:
             raise ValueError("token pruning needs a class token (its attention scores the tokens)")
         for i, blk in enumerate(model.blocks):

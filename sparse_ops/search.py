@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import _checks as check
+
 Config = Tuple[float, ...]
 
 
@@ -80,7 +82,7 @@ class LatencyTable:
 
         if not _is_patched_swin(model):
             raise TypeError(f"model must be patched by sparse_ops.patch.swin, got {type(model).__name__}")
-        self.choices = tuple(float(c) for c in choices)
+        self.choices = tuple(check.numbers(choices, "choices", "a sequence of ratios"))
         if not self.choices or any(not 0.0 <= c < 1.0 for c in self.choices):
             raise ValueError(f"choices must be non-empty ratios in [0, 1), got {choices!r}")
         self.model, self.images = model, images
@@ -159,13 +161,16 @@ class SearchResult:
 
 
 def _check_space(space) -> List[Tuple[float, ...]]:
-    if not isinstance(space, (list, tuple)) or not space:
-        raise TypeError(f"space must be a non-empty list of per-position choice lists, got {space!r}")
-    out = []
-    for i, choices in enumerate(space):
-        if not isinstance(choices, (list, tuple)) or not choices:
-            raise ValueError(f"space[{i}] must be a non-empty list of choices, got {choices!r}")
-        out.append(tuple(float(c) for c in choices))
+    """space: a non-empty sequence (list, tuple, 2-D numpy array or tensor, ...) of per-position
+    choices, each a non-empty sequence of numbers."""
+    what = "a non-empty sequence of per-position choice lists"
+    rows = space.tolist() if getattr(space, "ndim", None) == 2 else space
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
+        raise TypeError(f"space must be {what}, got {space!r}")
+    out = [tuple(check.numbers(choices, f"space[{i}]", "a sequence of numbers")) for i, choices in enumerate(rows)]
+    empty = next((i for i, choices in enumerate(out) if not choices), None)
+    if empty is not None:
+        raise ValueError(f"space[{empty}] must be a non-empty sequence of choices, got none")
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _checks as check
 from .nn import SparseVisionTransformer, Tokens
 from .patch import _current_sparsity, _is_patched_swin, set_sparsity
 
@@ -130,7 +131,7 @@ def sample_keep_rate(choices: Optional[Sequence[float]] = None, low: float = 0.5
     """A keep rate for one training step: one of `choices` when given, else uniform in
     [low, high]. Deterministic under `generator`."""
     if choices is not None:
-        values = [float(c) for c in choices]
+        values = check.numbers(choices, "choices", "a sequence of keep rates")
         if not values or any(not 0.0 < v <= 1.0 for v in values):
             raise ValueError(f"choices must be non-empty keep rates in (0, 1], got {choices!r}")
         return values[int(torch.randint(len(values), (), generator=generator))]
@@ -147,7 +148,7 @@ def sample_swin_ratios(model: nn.Module, choices: Sequence[float] = tuple(i / 10
     inner = _unwrap(model)
     if not _is_patched_swin(inner):
         raise TypeError(f"model must be patched by sparse_ops.patch.swin, got {type(inner).__name__}")
-    values = [float(c) for c in choices]
+    values = check.numbers(choices, "choices", "a sequence of ratios")
     if not values or any(not 0.0 <= v < 1.0 for v in values):
         raise ValueError(f"choices must be non-empty ratios in [0, 1), got {choices!r}")
     ratios = []
