@@ -48,6 +48,7 @@ def class_attention(blk: Block, x: torch.Tensor) -> torch.Tensor:
     """[B, N]: the class token's softmax attention row in timm block blk, mean over heads."""
     attn, (B, N, _) = blk.attn, x.shape
     q, k, _ = attn.qkv(blk.norm1(x)).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
     return ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)[:, 0]
 
 

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import Block
 
 from sparse_ops import patch, select_tokens, set_sparsity
 from sparse_ops.nn import Tokens
+from test_patch import reference_vit as reference
 
 TINY = dict(embed_dim=32, depth=4, num_heads=2)
 FAMILIES = {  # name: (timm model, config, image sizes)
@@ -47,31 +48,6 @@ def test_families_have_what_they_claim():
     assert make("dinov2-reg").num_reg_tokens == 4 and make("dinov2").num_reg_tokens == 0
     assert make("dinov2").patch_embed.patch_size == (14, 14) and make("dinov2").dynamic_img_size
     assert not isinstance(make("clip").norm_pre, torch.nn.Identity)
-
-
-def class_attention(blk: Block, x: torch.Tensor) -> torch.Tensor:
-    """[B, N]: the class token's softmax attention row in timm block blk, mean over heads."""
-    attn, (B, N, _) = blk.attn, x.shape
-    q, k, _ = attn.qkv(blk.norm1(x)).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    return ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)[:, 0]
-
-
-def reference(net, x, layers, **mode):
-    """Image by image, timm's blocks on the kept tokens: before each prune layer, the tokens
-    with the most class attention in the previous block (class and register tokens kept)."""
-    outs = []
-    for image in x:
-        t = net.norm_pre(net._pos_embed(net.patch_embed(image[None])))
-        scores = None
-        for i, blk in enumerate(net.blocks):
-            if i in layers:
-                t = t[:, select_tokens(scores, keep_prefix=net.num_prefix_tokens, **mode).index]
-            if i + 1 in layers:
-                scores = class_attention(blk, t)
-            t = Block.forward(blk, t)
-        outs.append(net.forward_head(net.norm(t)))
-    return torch.cat(outs)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
