@@ -3,12 +3,12 @@
 code does it) and ours (sparse_ops.patch, where this checkout has it)."""
 import copy
 import functools
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import window_partition, window_reverse
+from timm.models.swin_transformer import WindowAttention, window_partition, window_reverse
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 
 from sparse_ops.select import kept_count
@@ -123,31 +123,48 @@ def evit_forward(net, images: torch.Tensor, keep_rate: Optional[float] = None, m
 
 
 # ------------------------------------------------------------ SparseViT-style Swin
-def sparsevit_block(block, x: torch.Tensor, num_keep: int) -> torch.Tensor:
+def _frame_windows(t: torch.Tensor, window_size, shift_size) -> torch.Tensor:
+    """[B, H, W, C] -> [B, nW, wh*ww, C] in the rolled, padded frame of a shifted window grid."""
+    B, _, W, C = t.shape
+    (wh, ww), (sh, sw) = window_size, shift_size
+    t = torch.roll(t, shifts=(-sh, -sw), dims=(1, 2)) if sh or sw else t
+    t = F.pad(t, (0, 0, 0, (-W) % ww, 0, (-t.shape[1]) % wh))
+    return window_partition(t, (wh, ww)).view(B, -1, wh * ww, C)
+
+
+def sparsevit_ranking(block, x: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """[B, num_keep] the windows of block's grid with the largest L2 norm of their tokens'
+    mean |x|, best first (SparseViT's window importance)."""
+    scores = _frame_windows(x, block.window_size, block.shift_size).abs().mean(-1).norm(dim=-1)  # [B, nW]
+    return scores.topk(num_keep, dim=1).indices
+
+
+def timm_window_attention(attn, x: torch.Tensor, window_ids: torch.Tensor, mask: Optional[torch.Tensor]):
+    """timm's WindowAttention on windows x [M, n, C] whose shift-mask rows are window_ids [M]."""
+    return attn(x, mask=None if mask is None else mask[window_ids])
+
+
+def sparsevit_block(block, x: torch.Tensor, num_keep: int, order: Optional[torch.Tensor] = None,
+                    attention=timm_window_attention) -> torch.Tensor:
     """A timm SwinTransformerBlock that prunes windows the SparseViT way: roll, pad and
-    window_partition the map, score each window by the L2 norm of its tokens' mean |x|, keep
-    the top num_keep per image (torch.gather), run the unchanged WindowAttention (with the
-    shift mask indexed by window) and MLP on them, scatter them back; pruned windows pass
-    through unchanged. A Swin V2 block (res-post-norm) normalises after each branch instead."""
+    window_partition the map, keep the first num_keep windows of order ([B, >= num_keep]; by
+    default this block's own sparsevit_ranking of x) with torch.gather, run the window
+    attention (attention(block.attn, windows, window ids, shift mask): timm's by default) and
+    the MLP on them, scatter them back; pruned windows pass through unchanged. A Swin V2
+    block (res-post-norm) normalises after each branch instead."""
     B, H, W, C = x.shape
     (wh, ww), (sh, sw) = block.window_size, block.shift_size
-
-    def windows(t):  # [B, H, W, C] -> [B, nW, wh*ww, C] in the rolled, padded frame
-        t = torch.roll(t, shifts=(-sh, -sw), dims=(1, 2)) if sh or sw else t
-        t = F.pad(t, (0, 0, 0, (-W) % ww, 0, (-H) % wh))
-        return window_partition(t, (wh, ww)).view(B, -1, wh * ww, C)
-
-    frame = windows(x)
-    ids = frame.abs().mean(-1).norm(dim=-1).topk(num_keep, dim=1).indices  # [B, K]
+    frame = _frame_windows(x, block.window_size, block.shift_size)
+    ids = sparsevit_ranking(block, x, num_keep) if order is None else order[:, :num_keep]  # [B, K]
     index = ids[:, :, None, None].expand(-1, -1, wh * ww, C)
     kept = torch.gather(frame, 1, index).flatten(0, 1)  # [B*K, wh*ww, C]
-    mask = None if block.attn_mask is None else block.attn_mask[ids.flatten()]
     if isinstance(block, SwinTransformerV2Block):
-        y = kept + block.drop_path1(block.norm1(block.attn(kept, mask=mask)))
+        y = kept + block.drop_path1(block.norm1(attention(block.attn, kept, ids.flatten(), block.attn_mask)))
         y = y + block.drop_path2(block.norm2(block.mlp(y)))
     else:
-        normed = torch.gather(windows(block.norm1(x)), 1, index).flatten(0, 1)  # padding stays zero, as in timm
-        y = kept + block.drop_path1(block.attn(normed, mask=mask))
+        # padding stays zero after the norm, as in timm
+        normed = torch.gather(_frame_windows(block.norm1(x), block.window_size, block.shift_size), 1, index)
+        y = kept + block.drop_path1(attention(block.attn, normed.flatten(0, 1), ids.flatten(), block.attn_mask))
         y = y + block.drop_path2(block.mlp(block.norm2(y)))
     frame = frame.scatter(1, index, y.view(B, num_keep, wh * ww, C))
     Hp, Wp = H + (-H) % wh, W + (-W) % ww
@@ -163,14 +180,131 @@ def swin_kept_windows(net, ratios: Sequence[float]) -> List[int]:
     return [kept_count(1.0 - r, swin_windows(b)[0]) for b, r in zip(blocks, ratios)]
 
 
-def sparsevit_forward(net, images: torch.Tensor, kept_windows: Sequence[int]) -> torch.Tensor:
-    """A timm SwinTransformer forward keeping kept_windows[i] windows in block i; blocks that
-    keep all their windows run unchanged."""
+def sparsevit_stages(net, images: torch.Tensor, kept_windows: Sequence[int], attention=timm_window_attention):
+    """The outputs [B, H, W, C] of a timm SwinTransformer's stages, keeping kept_windows[i]
+    windows in block i as SparseViT's code does: a stage ranks its windows once per window
+    grid (unshifted, shifted), on the input of its first pruning block, and its blocks keep
+    prefixes of that ranking; blocks that keep all their windows run unchanged."""
     x = net.patch_embed(images)
     kept = iter(kept_windows)
     for stage in net.layers:
         x = stage.downsample(x)
-        for block in stage.blocks:
-            k = next(kept)
-            x = block(x) if k == swin_windows(block)[0] else sparsevit_block(block, x, k)
+        counts = [next(kept) for _ in stage.blocks]
+        most = {}  # window grid -> the most windows a block of that grid keeps
+        for block, k in zip(stage.blocks, counts):
+            if k < swin_windows(block)[0]:
+                most[block.shift_size] = max(most.get(block.shift_size, 0), k)
+        source, orders = None, {}
+        for block, k in zip(stage.blocks, counts):
+            if k == swin_windows(block)[0]:
+                x = block(x)
+                continue
+            source = x if source is None else source  # the activations SparseViT scores
+            if block.shift_size not in orders:
+                orders[block.shift_size] = sparsevit_ranking(block, source, most[block.shift_size])
+            x = sparsevit_block(block, x, k, orders[block.shift_size], attention)
+        yield x
+
+
+def sparsevit_forward(net, images: torch.Tensor, kept_windows: Sequence[int], attention=timm_window_attention):
+    """A timm SwinTransformer classifier forward pruning as sparsevit_stages does."""
+    *_, x = sparsevit_stages(net, images, kept_windows, attention)
     return net.forward_head(net.norm(x))
+
+
+def sparsevit_features(net, images: torch.Tensor, kept_windows: Sequence[int], attention=timm_window_attention):
+    """The backbone: every stage's output, NCHW, as timm's forward_intermediates(x,
+    intermediates_only=True) returns them (SparseViT times the backbone this way)."""
+    return [x.permute(0, 3, 1, 2).contiguous() for x in sparsevit_stages(net, images, kept_windows, attention)]
+
+
+# ------------------------------------------------------------------------- peers
+@functools.lru_cache(maxsize=None)
+def compiled_flex_attention():
+    """torch.compile(flex_attention): FlexAttention fuses (and on the CPU runs at all without
+    materialising the scores) only compiled. ImportError where this torch has none."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_window_attention(attn, x: torch.Tensor, window_ids: torch.Tensor, mask: Optional[torch.Tensor]):
+    """timm's WindowAttention with FlexAttention as its core: the relative-position bias and
+    the shift mask row of each window (window_ids [M]) added by a score_mod. (A block mask
+    would skip nothing: a 7x7 window's 49 tokens are less than one of its 128-row blocks.)"""
+    if type(attn) is not WindowAttention:
+        raise NotImplementedError(f"the FlexAttention peer is written for Swin V1's WindowAttention, not "
+                                  f"{type(attn).__module__}.{type(attn).__name__}")
+    M, n, C = x.shape
+    q, k, v = attn.qkv(x).reshape(M, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = attn._get_rel_pos_bias()[0]  # [H, n, n]
+    if mask is None:
+        def score_mod(score, b, h, i, j):
+            return score + bias[h, i, j]
+    else:
+        def score_mod(score, b, h, i, j):
+            return score + bias[h, i, j] + mask[window_ids[b], i, j]
+    out = compiled_flex_attention()(q, k, v, score_mod=score_mod, scale=attn.scale)
+    return attn.proj(out.transpose(1, 2).reshape(M, n, -1))
+
+
+def _tensors(result) -> List[torch.Tensor]:
+    return [t for t in result] if isinstance(result, (list, tuple)) else [result]
+
+
+def disagreement(result, expected) -> float:
+    """The largest relative L2 error ||a - b|| / ||b|| over the tensors of two results."""
+    got, want = _tensors(result), _tensors(expected)
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+        raise ValueError(f"shapes differ: {[tuple(a.shape) for a in got]} vs {[tuple(b.shape) for b in want]}")
+    return max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+               for a, b in zip(got, want))
+
+
+# Relative L2 error a peer may have from ours: a different computation is off by O(1).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+def expected_of(ours) -> Callable[[], object]:
+    """ours() computed once, for the peers to be checked against."""
+    @functools.lru_cache(maxsize=None)
+    def expected():
+        if not callable(ours):
+            raise RuntimeError(f"ours is unavailable ({ours}): nothing to check this peer against")
+        return ours()
+    return expected
+
+
+def _reason(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def peer(make: Callable[[], Callable[[], object]], expected: Callable[[], object], device: str, dtype: torch.dtype,
+         as_ours: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
+    """A peer method, checked once against ours before it is timed: make() builds it, and
+    its result (each tensor mapped by as_ours to ours' layout) must be within TOLERANCE of
+    expected() (ours' result, see expected_of). Unavailable with torch's own reason where
+    this torch cannot run it here (no such API, no kernel for this device, dtype or pass, or
+    on the CPU a torch.compile that fails: no C++ toolchain); the exception where it fails or
+    disagrees, so that a peer computing something else is reported, not timed."""
+    try:
+        method = make()
+        result = [as_ours(t) for t in _tensors(method())]
+    except (ImportError, NotImplementedError) as e:
+        return Unavailable(_reason(e))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        return Unavailable(f"torch.compile failed on the CPU: {_reason(e)}") if device == "cpu" else e
+    except Exception as e:
+        return e
+    try:
+        error = disagreement(result, expected())
+    except Exception as e:
+        return e
+    if not error <= TOLERANCE[dtype]:
+        return AssertionError(f"disagrees with ours: relative error {error:.1e} > {TOLERANCE[dtype]:.0e}")
+    return method
+
+
+def peer_ratios(methods: dict, peers: Sequence[str]) -> dict:
+    """Setup.overheads "ours/<peer>": ours' median over each peer's that runs, minus 1."""
+    return {f"ours/{p}": ("ours", p) for p in peers if callable(methods.get(p))}

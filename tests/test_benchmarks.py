@@ -132,6 +132,46 @@ def test_naive_swin_block_equals_dense_on_kept_windows(stage):
             torch.testing.assert_close(baselines.sparsevit_block(block, x, windows // 2), expected)
 
 
+def test_naive_swin_backbone_is_timms_at_zero_sparsity_and_prunes_like_ours():
+    """sparsevit_features returns forward_intermediates' features; pruned, it ranks once per
+    stage and window grid (SparseViT's rule, and ours), so it equals patch.swin."""
+    torch.manual_seed(0)
+    net = baselines.model("swin_test", "cpu", torch.float32, None)
+    images = torch.randn(2, 3, 72, 72)
+    blocks = sum(len(stage.blocks) for stage in net.layers)
+    with torch.no_grad():
+        dense = net.forward_intermediates(images, intermediates_only=True)
+        all_kept = baselines.swin_kept_windows(net, [0.0] * blocks)
+        for got, want in zip(baselines.sparsevit_features(net, images, all_kept), dense, strict=True):
+            torch.testing.assert_close(got, want)
+        ours = baselines.patched("swin", net, ratios=0.5)
+        kept = baselines.swin_kept_windows(net, [0.5] * blocks)
+        pruned = baselines.sparsevit_features(net, images, kept)
+        for got, want in zip(pruned, ours.forward_intermediates(images, intermediates_only=True), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(pruned[0], dense[0])  # it does prune
+
+
+def test_a_peer_is_checked_against_ours_before_it_is_timed():
+    x = torch.randn(4, 8)
+    expected = baselines.expected_of(lambda: x.exp())
+    same = baselines.peer(lambda: lambda: x.exp(), expected, "cpu", torch.float32)
+    assert callable(same)
+    wrong = baselines.peer(lambda: lambda: x.exp() * 1.01, expected, "cpu", torch.float32)
+    assert isinstance(wrong, AssertionError) and "disagrees with ours" in str(wrong)
+    # mapped to ours' layout first (e.g. the rows of a padded batch)
+    padded = torch.cat([x.exp(), torch.zeros(2, 8)])
+    assert callable(baselines.peer(lambda: lambda: padded, expected, "cpu", torch.float32, as_ours=lambda t: t[:4]))
+
+    def no_kernel():
+        raise NotImplementedError("no CPU kernel\nmore detail")
+    missing = baselines.peer(lambda: no_kernel, expected, "cpu", torch.float32)
+    assert missing == Unavailable("NotImplementedError: no CPU kernel")
+    assert isinstance(baselines.peer(lambda: lambda: x[:2], expected, "cpu", torch.float32), ValueError)
+    unchecked = baselines.peer(lambda: lambda: x, baselines.expected_of(Unavailable("not yet")), "cpu", torch.float32)
+    assert isinstance(unchecked, RuntimeError)
+
+
 # --------------------------------------------------------------------- whole runs
 SMOKE = "ops/gather_tokens,varlen/vit_test/b2/fwd+bwd,blocks/swin_test,models/vit_test/b2/keep"
 
@@ -229,6 +269,35 @@ def test_help_lists_suites_and_cases(capsys):
         assert f"\n  {name}: " in text
     assert "models/" not in text and "deit_small" in text and "--case" in text
     main(["--quick", "--list", "--suite", "models", "--case", "swin"])
-    assert capsys.readouterr().out.split() == ["models/swin_test/b1/s0.0", "models/swin_test/b1/s0.5"]
+    assert capsys.readouterr().out.split() == ["models/swin_test/b1/s0.0", "models/swin_test/b1/s0.5",
+                                               "models/swin_test/b1/s0.5/backbone"]
     main(["--list", "--device", "cuda", "--suite", "models", "--case", "swin_tiny_672"])  # no GPU needed
-    assert "models/swin_tiny_672/b4/sparsevit" in capsys.readouterr().out.split()
+    names = capsys.readouterr().out.split()
+    assert "models/swin_tiny_672/b4/sparsevit" in names and "models/swin_tiny_672/b4/sparsevit/backbone" in names
+
+
+def test_peers_run_beside_ours_and_agree(tmp_path):
+    """The quick cases time every peer torch has here, each checked against ours first
+    ("ok" means it agreed), and list the others unavailable with torch's reason."""
+    cases = "varlen/vit_test/b2/fwd,window/swin_test/b1/stage0/s0.5/fwd+bwd,models/swin_test/b1/s0.5/backbone"
+    assert main(["--quick", "--case", cases, "--out", str(tmp_path)]) == 0
+    _, records, markdown = read_results(tmp_path)
+    varlen = records["attention/varlen/vit_test/b2/fwd"]
+    for name in ("dense", "naive", "flex", "ours", "ours+cls"):
+        assert varlen["methods"][name]["status"] == "ok", (name, varlen["methods"][name])
+    from torch.nn.attention import varlen as torch_varlen  # noqa: F401 (torch 2.14 has it; its kernel is CUDA only)
+    assert varlen["methods"]["varlen_attn"]["status"] == "unavailable"
+    assert "CPU" in varlen["methods"]["varlen_attn"]["reason"]
+    assert set(varlen["overheads"]) == {"cls_attn", "ours/naive", "ours/flex"}
+    assert all(v is not None for v in varlen["overheads"].values())
+
+    window = records["attention/window/swin_test/b1/stage0/s0.5/fwd+bwd"]  # gradients checked too
+    assert window["methods"]["dense"]["status"] == window["methods"]["naive"]["status"] == "ok"
+    assert window["methods"]["flex"] == {"status": "unavailable", "reason": window["methods"]["flex"]["reason"]}
+    assert "backward on CPU" in window["methods"]["flex"]["reason"]
+
+    backbone = records["models/swin_test/b1/s0.5/backbone"]
+    assert {name: m["status"] for name, m in backbone["methods"].items()} == \
+        {"dense": "ok", "naive": "ok", "flex": "ok", "ours": "ok"}
+    assert 0 < backbone["sparsity"] < 1 and set(backbone["overheads"]) == {"ours/naive", "ours/flex"}
+    assert "| ours/flex overhead |" in markdown

@@ -8,9 +8,15 @@
 - Swin-T at 672x672, batch 4 (CPU: 224, batch 1, stages 0 and 2): the last (shifted) block of
   each stage at each window sparsity.
   dense = the timm SwinTransformerBlock; naive = SparseViT (roll, pad, partition, top windows
-  by L2 norm, the unchanged attention and MLP on those, scatter back); ours = the same block
-  of sparse_ops.patch.swin(model, ratios) with that block's ratio set.
+  by L2 norm, the unchanged attention and MLP on those, scatter back); flex = the same with
+  the window attention's core on torch.compile(flex_attention) (relative-position bias and
+  shift mask in a score_mod; no backward on CPU, and this suite is inference); ours = the
+  same block of sparse_ops.patch.swin(model, ratios) with that block's ratio set. naive and
+  flex are checked against ours once before they are timed; "ours/<peer> overhead" is ours'
+  median over the peer's, minus 1.
 Speedups are over dense; sparsity is the fraction of the block's FLOPs pruned."""
+import functools
+
 import torch
 
 from sparse_ops.select import kept_count
@@ -48,11 +54,20 @@ def _swin(cfg: Config, model: str, img_size, batch: int, stage: int, ratio: floa
     windows = flops.swin_windows(block)[0]
     K = kept_count(1.0 - ratio, windows)
     ratios = [ratio if b is block else 0.0 for s in net.layers for b in s.blocks]
-    ours = guarded(lambda: baselines.patched("swin", net, ratios=ratios))
-    methods = {"dense": lambda: block(x), "naive": lambda: baselines.sparsevit_block(block, x, K),
-               "ours": ours if not callable(ours) else (lambda: ours.layers[stage].blocks[-1](x))}
+    patched = guarded(lambda: baselines.patched("swin", net, ratios=ratios))
+    ours = patched if not callable(patched) else (lambda: patched.layers[stage].blocks[-1](x))
+    check = functools.partial(baselines.peer, expected=baselines.expected_of(ours), device=cfg.device,
+                              dtype=cfg.dtype)
+
+    def make_flex():
+        torch._dynamo.reset()  # this case's FlexAttention compiles on its own (within the recompile limit)
+        return lambda: baselines.sparsevit_block(block, x, K, attention=baselines.flex_window_attention)
+
+    methods = {"dense": lambda: block(x), "naive": check(lambda: lambda: baselines.sparsevit_block(block, x, K)),
+               "flex": check(make_flex), "ours": ours}
     dense, sparse = (batch * flops.swin_block(block, k) for k in (windows, K))
-    return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
+    return Setup(compiled(methods, cfg, names=("dense", "naive", "flex")), flops=(dense, sparse),
+                 sparsity=1 - sparse / dense, overheads=baselines.peer_ratios(methods, ("naive", "flex")))
 
 
 def cases(cfg: Config):

@@ -10,12 +10,22 @@ configuration) only, without torch.compile.
 - Swin-T at 224 and at 672x672 (batch 4) with a window sparsity s in every block, and
   SparseViT's per-block ratios (stage 0: 0.6, stage 1: 0, stage 2: 0.2/0.4/0.5 in pairs,
   stage 3: 0). dense = the timm model; naive = SparseViT-style (roll, pad, partition, top
-  windows by L2 norm, unchanged timm attention and MLP on those, scatter back); ours =
-  sparse_ops.patch.swin(model, ratios).
+  windows by L2 norm ranked once per stage and window grid, unchanged timm attention and
+  MLP on those, scatter back); flex = the same with the window attention's core on
+  torch.compile(flex_attention) (bias and shift mask in a score_mod); ours =
+  sparse_ops.patch.swin(model, ratios). naive and flex are checked against ours once before
+  they are timed; "ours/<peer> overhead" is ours' median over the peer's, minus 1.
+- Swin-T backbone at 672x672, batch 4, SparseViT's ratios, timed as SparseViT times it (its
+  tools/measure_latency.py: the backbone alone on 4 images): every stage's features, NCHW,
+  as timm's forward_intermediates(x, intermediates_only=True) returns them; beside the
+  classifier in the same configuration. Methods as for the classifier.
 - Swin V2-T (swinv2_tiny_window8_256) at 512x512 with a window sparsity s in every block:
-  the same three methods (naive: SparseViT-style around V2's res-post-norm block).
+  the same methods (naive: SparseViT-style around V2's res-post-norm block; flex: unavailable,
+  V2's cosine attention is not the peer's score_mod).
 Speedups are over dense; sparsity is the fraction of the model's FLOPs pruned (for the
 adaptive mode, from the counts the naive baseline kept on the benchmark batch)."""
+import functools
+
 import torch
 
 from .. import baselines, flops
@@ -52,17 +62,33 @@ def _vit(cfg: Config, model: str, batch: int, keep_rate=None, mass=None) -> Setu
     return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
 
 
-def _swin(cfg: Config, model: str, img_size, batch: int, ratios) -> Setup:
+def _swin(cfg: Config, model: str, img_size, batch: int, ratios, backbone: bool = False) -> Setup:
+    """The classifier, or with backbone=True every stage's features (no norm, no head)."""
     net = baselines.model(model, cfg.device, cfg.dtype, img_size)
     images = _images(net, batch, cfg)
     blocks = sum(len(stage.blocks) for stage in net.layers)
     ratios = [ratios] * blocks if isinstance(ratios, float) else list(ratios)
     kept = baselines.swin_kept_windows(net, ratios)
-    dense, sparse = flops.swin(net, batch), flops.swin(net, batch, kept)
-    ours = guarded(lambda: baselines.patched("swin", net, ratios=ratios))
-    methods = {"dense": lambda: net(images), "naive": lambda: baselines.sparsevit_forward(net, images, kept),
-               "ours": ours if not callable(ours) else (lambda: ours(images))}
-    return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
+    head = 2 * batch * flops._weights(net.head) if backbone else 0
+    dense, sparse = flops.swin(net, batch) - head, flops.swin(net, batch, kept) - head
+    patched = guarded(lambda: baselines.patched("swin", net, ratios=ratios))
+    if backbone:
+        sparse_forward = baselines.sparsevit_features
+        run = lambda m: m.forward_intermediates(images, intermediates_only=True)  # noqa: E731
+    else:
+        sparse_forward, run = baselines.sparsevit_forward, lambda m: m(images)  # noqa: E731
+    ours = patched if not callable(patched) else (lambda: run(patched))
+    check = functools.partial(baselines.peer, expected=baselines.expected_of(ours), device=cfg.device,
+                              dtype=cfg.dtype)
+
+    def make_flex():
+        torch._dynamo.reset()  # this case's FlexAttention compiles on its own (within the recompile limit)
+        return lambda: sparse_forward(net, images, kept, attention=baselines.flex_window_attention)
+
+    methods = {"dense": lambda: run(net), "naive": check(lambda: lambda: sparse_forward(net, images, kept)),
+               "flex": check(make_flex), "ours": ours}
+    return Setup(compiled(methods, cfg, names=("dense", "naive", "flex")), flops=(dense, sparse),
+                 sparsity=1 - sparse / dense, overheads=baselines.peer_ratios(methods, ("naive", "flex")))
 
 
 def cases(cfg: Config):
@@ -82,7 +108,7 @@ def cases(cfg: Config):
                            lambda model=model, batch=batch, m=m: _vit(cfg, model, batch, mass=m))
 
     swins = pick(cfg, quick=(("swin_test", None, 1),),
-                 cpu=(("swin_tiny", 224, 1), ("swin_tiny", 672, 1), ("swinv2_tiny", 512, 1)),
+                 cpu=(("swin_tiny", 224, 1), ("swin_tiny", 672, 1), ("swin_tiny", 672, 4), ("swinv2_tiny", 512, 1)),
                  cuda=(("swin_tiny", 224, 64), ("swin_tiny", 224, 1), ("swin_tiny", 672, 4), ("swin_tiny", 672, 1),
                        ("swinv2_tiny", 512, 8), ("swinv2_tiny", 512, 1)))
     window_ratios = pick(cfg, quick=(0.0, 0.5), cpu=(0.0, 0.4, 0.8), cuda=(0.0, 0.2, 0.4, 0.6, 0.8))
@@ -97,3 +123,11 @@ def cases(cfg: Config):
                        dict(model=model, img_size=img_size, batch=batch, ratios=ratios),
                        lambda model=model, img_size=img_size, batch=batch, ratios=ratios:
                        _swin(cfg, model, img_size, batch, ratios))
+        # SparseViT's measurement: the backbone at 672x672, batch 4 (--quick: the test model at 0.5)
+        if (model, img_size, batch) == ("swin_tiny", 672, 4) or cfg.quick:
+            ratios = 0.5 if cfg.quick else SPARSEVIT_SWIN_T
+            yield Case(NAME, f"{NAME}/{size}/b{batch}/{'s0.5' if cfg.quick else 'sparsevit'}/backbone",
+                       f"{size} b{batch} backbone", dict(model=model, img_size=img_size, batch=batch, ratios=ratios,
+                                                         backbone=True),
+                       lambda model=model, img_size=img_size, batch=batch, ratios=ratios:
+                       _swin(cfg, model, img_size, batch, ratios, backbone=True))
