@@ -94,6 +94,19 @@ def scatter_windows(y: torch.Tensor, base: torch.Tensor, windows: torch.Tensor, 
 
 
 # --------------------------------------------------------------------------- tokens
+def pruned_block_output(x: torch.Tensor, out: torch.Tensor, ranked_on: torch.Tensor, window_size, shift_size,
+                        sparsity: float) -> torch.Tensor:
+    """What a Swin block pruning `sparsity` of its windows returns, from the dense block's
+    output: out [B, H, W, C] on the ceil((1 - sparsity) * nW) windows of the block's grid
+    (float error aside) ranking highest by window_scores of ranked_on (its stage's input), its input x elsewhere."""
+    scores = window_scores(ranked_on, window_size, shift_size)
+    num_windows = scores.shape[1]
+    kept = scores.topk(min(num_windows, math.ceil((1 - sparsity) * num_windows - 1e-9)), dim=1).indices
+    inside = scatter_windows(x.new_ones(kept.numel(), math.prod(to_pair(window_size)), 1),
+                             x.new_zeros(*x.shape[:3], 1), kept, window_size, shift_size)
+    return torch.where(inside.bool(), out, x)
+
+
 def gather_tokens(x: torch.Tensor, idx: TokenIndex) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])[idx.index]
 

@@ -69,25 +69,40 @@ def reference_vit(net, x, layers, **mode):
     return torch.cat(outs)
 
 
-def reference_swin(net, x, ratios):
-    """timm's blocks on every window, then each pruned block's output kept only on the windows
-    that rank highest by reference.window_scores of the stage's input."""
-    x = net.patch_embed(x)
-    ratios = iter(ratios)
-    for stage in net.layers:
-        x = stage.downsample(x)
-        stage_input = x
-        for blk in stage.blocks:
-            out, r = SwinTransformerBlock.forward(blk, x), next(ratios)
-            if r > 0:
-                scores = reference.window_scores(stage_input, blk.window_size, blk.shift_size)
-                kept = scores.topk(kept_count(1 - r, scores.shape[1]), dim=1).indices
-                ones = x.new_ones(kept.numel(), blk.window_area, 1)
-                inside = reference.scatter_windows(ones, x.new_zeros(*x.shape[:3], 1), kept, blk.window_size,
-                                                   blk.shift_size)
-                out = torch.where(inside.bool(), out, x)
-            x = out
-    return net.forward_head(net.norm(x))
+def swin_parts(net):
+    """patch_embed and stages of a Swin (v1 or v2) or of a features_only wrapper's flat modules."""
+    if hasattr(net, "layers"):
+        return net.patch_embed, list(net.layers)
+    return net.patch_embed, [module for name, module in net.items() if name.startswith("layers_")]
+
+
+def per_image_swin_reference(net, x, ratios, block_forward=SwinTransformerBlock.forward):
+    """Image by image, timm's blocks (block_forward: v1's or v2's) on every window, each pruned
+    block's output then kept only on its kept windows (reference.pruned_block_output, ranked
+    on its stage's input). Returns every block's input and output, and every stage's output,
+    as lists over blocks and stages."""
+    patch_embed, stages = swin_parts(net)
+    per_image = []
+    for image in x.split(1):
+        t, r, inputs, outputs, stage_outputs = patch_embed(image), iter(ratios), [], [], []
+        for stage in stages:
+            t = stage.downsample.forward(t)  # .forward: hooks see only the model under test
+            stage_input = t
+            for blk in stage.blocks:
+                out, ratio = block_forward(blk, t), next(r)
+                if ratio > 0:
+                    out = reference.pruned_block_output(t, out, stage_input, blk.window_size, blk.shift_size, ratio)
+                inputs.append(t)
+                outputs.append(out)
+                t = out
+            stage_outputs.append(t)
+        per_image.append((inputs, outputs, stage_outputs))
+    return [[torch.cat(images) for images in zip(*lists)] for lists in zip(*per_image)]
+
+
+def reference_swin(net, x, ratios, block_forward=SwinTransformerBlock.forward):
+    """The logits of per_image_swin_reference."""
+    return net.forward_head(net.norm(per_image_swin_reference(net, x, ratios, block_forward)[2][-1]))
 
 
 # ----------------------------------------------------------------------- zero sparsity

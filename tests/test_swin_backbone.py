@@ -7,12 +7,10 @@ import copy
 import pytest
 import timm
 import torch
-from timm.models.swin_transformer import SwinTransformerBlock
-
 import sparse_ops
 import sparse_ops.nn._common as common
-from sparse_ops import patch, reference
-from sparse_ops.select import kept_count
+from sparse_ops import patch
+from test_patch import per_image_swin_reference
 
 # strict_img_size=False: timm's Swin takes any input size (shift masks built per input)
 SWIN = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=7, img_size=56,
@@ -33,42 +31,6 @@ def images(size, batch=2, dtype=torch.float32):
 
 def as_list(features):
     return list(features.values()) if isinstance(features, dict) else list(features)
-
-
-def parts(net):
-    """patch_embed and stages of a SwinTransformer or of a features_only wrapper's flat modules."""
-    if hasattr(net, "layers"):
-        return net.patch_embed, list(net.layers)
-    return net.patch_embed, [module for name, module in net.items() if name.startswith("layers_")]
-
-
-def per_image_reference(net, x, ratios):
-    """Image by image, timm's blocks of net on every window, each pruned block's output then
-    kept only on the windows ranking highest by reference.window_scores of its stage's input
-    (elsewhere the block's input). Returns every block's input and output, and every stage's
-    output, as lists over blocks and stages."""
-    patch_embed, stages = parts(net)
-    per_image = []
-    for image in x.split(1):
-        t, r, inputs, outputs, stage_outputs = patch_embed(image), iter(ratios), [], [], []
-        for stage in stages:
-            t = stage.downsample.forward(t)
-            stage_input = t
-            for blk in stage.blocks:
-                out, ratio = SwinTransformerBlock.forward(blk, t), next(r)
-                if ratio > 0:
-                    scores = reference.window_scores(stage_input, blk.window_size, blk.shift_size)
-                    kept = scores.topk(kept_count(1 - ratio, scores.shape[1]), dim=1).indices
-                    inside = reference.scatter_windows(t.new_ones(kept.numel(), blk.window_area, 1),
-                                                       t.new_zeros(*t.shape[:3], 1), kept, blk.window_size,
-                                                       blk.shift_size)
-                    out = torch.where(inside.bool(), out, t)
-                inputs.append(t)
-                outputs.append(out)
-                t = out
-            stage_outputs.append(t)
-        per_image.append((inputs, outputs, stage_outputs))
-    return [[torch.cat(images) for images in zip(*lists)] for lists in zip(*per_image)]
 
 
 def count_window_rows(net):
@@ -118,7 +80,7 @@ def test_pruned_features_only_matches_reference(wrapper, size):
     ours = patch.swin(make_swin(torch.float64, features_only=True, out_indices=(0, 1, 2, 3), feature_cls=wrapper),
                       ratios=RATIOS)
     x = images(SIZES[size], dtype=torch.float64)
-    _, _, stages = per_image_reference(net, x, RATIOS)
+    _, _, stages = per_image_swin_reference(net, x, RATIOS)
     out = as_list(ours(x))
     if wrapper == "getter":  # forward_intermediates: NCHW
         stages = [s.permute(0, 3, 1, 2) for s in stages]
@@ -132,7 +94,7 @@ def test_pruned_forward_intermediates_prunes_as_forward():
     net = make_swin(torch.float64)
     ours = patch.swin(copy.deepcopy(net), ratios=RATIOS)
     x = images(SIZES["72x64"], dtype=torch.float64)
-    _, _, stages = per_image_reference(net, x, RATIOS)
+    _, _, stages = per_image_swin_reference(net, x, RATIOS)
     rows = count_window_rows(ours)
     final, inter = ours.forward_intermediates(x, indices=[0, 2, 3], norm=True)
     torch.testing.assert_close(final, ours.norm(stages[3]))
@@ -209,7 +171,7 @@ def test_block_hooks_see_true_inputs_and_outputs(mode):
     else:
         with torch.no_grad():
             features = net(x)
-    inputs, blocks, stages = per_image_reference(net, x, RATIOS)
+    inputs, blocks, stages = per_image_swin_reference(net, x, RATIOS)
     seen_blocks = [s for s in seen if s[0] != "down"]
     for (inp, out), expected_in, expected_out in zip(seen_blocks, inputs, blocks, strict=True):
         torch.testing.assert_close(inp, expected_in)

@@ -13,6 +13,7 @@ import sparse_ops
 from sparse_ops import patch, reference
 from sparse_ops.nn import SparseSwinV2Block
 from sparse_ops.select import kept_count
+from test_patch import reference_swin
 
 TINY = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=5)
 # static shift masks at a size the windows divide; dynamic ones at sizes they do not
@@ -36,31 +37,6 @@ def make_swinv2(dtype=torch.float32, **kw):
 
 def images(size, batch=2, dtype=torch.float32, seed=1):
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def kept_only(blk, x, stage_input, out, ratio):
-    """out on the windows a block with this ratio keeps (ranked on the stage's input), x elsewhere."""
-    scores = reference.window_scores(stage_input, blk.window_size, blk.shift_size)
-    kept = scores.topk(kept_count(1 - ratio, scores.shape[1]), dim=1).indices
-    ones = x.new_ones(kept.numel(), blk.window_area, 1)
-    inside = reference.scatter_windows(ones, x.new_zeros(*x.shape[:3], 1), kept, blk.window_size, blk.shift_size)
-    return torch.where(inside.bool(), out, x)
-
-
-def reference_swinv2(net, x, ratios):
-    """Image by image: timm's blocks, each pruned block's output kept only on its kept windows."""
-    outs = []
-    for image in x:
-        t = net.patch_embed(image[None])
-        ratio = iter(ratios)
-        for stage in net.layers:
-            t = stage.downsample(t)
-            stage_input = t
-            for blk in stage.blocks:
-                out, r = SwinTransformerV2Block.forward(blk, t), next(ratio)
-                t = kept_only(blk, t, stage_input, out, r) if r > 0 else out
-        outs.append(net.forward_head(net.norm(t)))
-    return torch.cat(outs)
 
 
 # ----------------------------------------------------------------------- zero sparsity
@@ -90,7 +66,7 @@ def test_pruned_block_is_timm_block_on_kept_windows(config):
     for b, (blk, timm_blk) in enumerate(zip(ours.layers[0].blocks, net.layers[0].blocks)):
         with torch.no_grad():
             out = blk(x)
-            ref = kept_only(timm_blk, x, x, timm_blk(x), 0.5)
+            ref = reference.pruned_block_output(x, timm_blk(x), x, timm_blk.window_size, timm_blk.shift_size, 0.5)
             assert (out - ref).abs().max() < 1e-5, b
             assert (out != x).any() and (out == x).any()  # some windows pruned, some kept
             owned = x.clone()
@@ -103,7 +79,7 @@ def test_pruned_model_matches_reference_with_gradients(config):
     ratios = [0.25, 0.5, 0.5, 0.75]
     ours = patch.swin(copy.deepcopy(net), ratios=ratios)
     x = images(net.patch_embed.img_size)
-    out, ref = ours(x), reference_swinv2(net, x, ratios)
+    out, ref = ours(x), reference_swin(net, x, ratios, SwinTransformerV2Block.forward)
     assert (out - ref).abs().max() < 1e-5
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -112,6 +88,15 @@ def test_pruned_model_matches_reference_with_gradients(config):
     for name, p in ours.named_parameters():
         r = params[name].grad
         assert (p.grad - r).abs().max() <= 1e-4 * (1 + r.abs().max()), name
+
+
+def test_batch_0():
+    net = patch.swin(make_swinv2(**CONFIGS["dynamic 36x44"]), ratios=0.5)
+    x = images((36, 44), batch=0)
+    assert net(x).shape == (0, 5)
+    x.requires_grad_(True)
+    net.train()(x).sum().backward()
+    assert x.grad.shape == x.shape
 
 
 def test_checkpointing_and_stage_share_ranking():
@@ -183,4 +168,4 @@ def test_naive_benchmark_block_is_timm_block_on_kept_windows():
     blk = net.layers[0].blocks[0]  # unshifted: the dynamic model has no static shift mask for the baseline
     with torch.no_grad():
         naive = sparsevit_block(blk, x, kept_count(0.5, swin_windows(blk)[0]))
-        assert (naive - kept_only(blk, x, x, blk(x), 0.5)).abs().max() < 1e-5
+        assert (naive - reference.pruned_block_output(x, blk(x), x, blk.window_size, blk.shift_size, 0.5)).abs().max() < 1e-5

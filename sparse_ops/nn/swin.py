@@ -8,7 +8,7 @@ MLP, and one fused fc2 + residual + scatter into the output. Nothing dense is ro
 or partitioned. A stage scores windows once, on its input, per window grid (shift); its
 blocks keep nested prefixes of that ranking.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerStage
@@ -42,6 +42,17 @@ class SparseSwinBlock(SwinTransformerBlock):
         scores = kernel("window_scores", x.device.type)(x, list(self.window_size), list(self.shift_size))
         return torch.topk(scores, num_keep, dim=1, sorted=True).indices
 
+    def kept_rows(self, x: Tensor, order: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+        """The kept windows [B, K] of x [B, H, W, C] (the first K of order, else ranked here)
+        and their map rows [B * K * window_area] (-1 for padding), or None where the block
+        keeps every window (and runs timm's dense forward)."""
+        H, W = x.shape[1:3]
+        K = self.kept_windows(H, W)
+        if K == self.num_windows(H, W):
+            return None
+        windows = (self.rank_windows(x, K) if order is None else order[:, :K]).contiguous()
+        return windows, kernel("window_rows", x.device.type)(windows, H, W, list(self.window_size), list(self.shift_size))
+
     def forward(self, x: Tensor, order: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
         """x [B, H, W, C]. order: this block's window ranking [B, >= kept] (a stage passes
         one for all its blocks), else computed from x. inplace: write into x (a stage does
@@ -49,11 +60,11 @@ class SparseSwinBlock(SwinTransformerBlock):
         B, H, W, C = x.shape
         if B == 0:  # nothing to compute (timm's dense block cannot reshape an empty batch)
             return x.clone()
-        K = self.kept_windows(H, W)
-        if K == self.num_windows(H, W):
+        kept = self.kept_rows(x, order)
+        if kept is None:
             return super().forward(x)
-        windows = (self.rank_windows(x, K) if order is None else order[:, :K]).contiguous()
-        rows = kernel("window_rows", x.device.type)(windows, H, W, list(self.window_size), list(self.shift_size))
+        windows, rows = kept
+        K = windows.shape[1]
         attn, mlp = self.attn, self.mlp
         x2d = x.reshape(-1, C)
         M, n = B * K, self.window_area

@@ -38,6 +38,7 @@ class SparseSwinV2Block(SwinTransformerV2Block):
     num_windows = SparseSwinBlock.num_windows
     kept_windows = SparseSwinBlock.kept_windows
     rank_windows = SparseSwinBlock.rank_windows
+    kept_rows = SparseSwinBlock.kept_rows
     _shift_mask = SparseSwinBlock._shift_mask
 
     def position_bias(self) -> Tensor:
@@ -59,11 +60,13 @@ class SparseSwinV2Block(SwinTransformerV2Block):
         that for tensors it owns when no gradient is needed; only where the map needs no
         padding, as the scatter then has no padding rows to skip)."""
         B, H, W, C = x.shape
-        K = self.kept_windows(H, W)
-        if K == self.num_windows(H, W):
+        if B == 0:  # nothing to compute
+            return x.clone()
+        kept = self.kept_rows(x, order)
+        if kept is None:
             return super().forward(x)
-        windows = (self.rank_windows(x, K) if order is None else order[:, :K]).contiguous()
-        rows = kernel("window_rows", x.device.type)(windows, H, W, list(self.window_size), list(self.shift_size))
+        windows, rows = kept
+        K = windows.shape[1]
         attn, mlp = self.attn, self.mlp
         x2d = x.reshape(-1, C)
         if x2d.stride(1) != 1:
