@@ -1,6 +1,6 @@
 # make test  : set up a fresh machine, build the extension (CUDA sources compiled too when
 #              nvcc is found, as a compile check on machines without a GPU), build the CMake
-#              twin, run the tests.
+#              twin (CPU sources only: pip's build already compiled the CUDA ones), run the tests.
 # make bench : the same set-up, then the benchmarks on the best device present.
 # make gpu-check : on a GPU machine, in under 9 minutes: build for that GPU, CUDA tests, memcheck,
 #              the headline benchmarks and a summary against the issues' targets, all under
@@ -41,11 +41,13 @@ build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 # The CMake twin of the extension; skipped (and its test with it) where cmake is missing.
+# CPU-only: the CUDA sources are compiled once per make test, by the pip build above
+# (`cmake -S . -B build-cmake -DSPARSE_OPS_CUDA=ON` builds them with CMake by hand).
 ifneq ($(shell command -v cmake),)
 CMAKE_LIB := $(abspath build-cmake/_C.so)
 cmake: setup
 	cmake -S . -B build-cmake $(if $(shell command -v ninja),-G Ninja) -DPython_EXECUTABLE=$(PY) \
-		-DSPARSE_OPS_CUDA=$(if $(FORCE_CUDA),ON,OFF)
+		-DSPARSE_OPS_CUDA=OFF
 	cmake --build build-cmake
 else
 cmake:
