@@ -43,13 +43,18 @@ def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] 
 
     Before each block in prune_layers (default: EViT's 3, 6, 9 of 12), keep per image the
     tokens the class token attended to most in the previous block: the top ceil(keep_rate *
-    candidates), or with mass the fewest whose attention mass reaches it (per image a
-    different count; batches run packed, never padded). Class, distillation and register
-    tokens are always kept. package=True appends each image's pruned tokens, averaged by
-    attention, as one token (EViT's fused token; 'token' pooling only). keep_rate=1.0
-    without mass: no pruning (timm's forward). forward_features and forward_intermediates
-    return full token grids (pruned tokens hold their last value); forward_tokens the packed
-    kept tokens (see SparseVisionTransformer).
+    candidates), or with mass the fewest whose attention mass (normalised over the
+    candidates) reaches it (per image a different count; batches run packed, never padded).
+    A model without a class token (class_token=False, 'avg' or 'map' pooling, e.g. SigLIP)
+    ranks each token by the attention it receives in the previous block instead: its softmax
+    column, averaged over all queries of its image (the kept tokens, prefix tokens included)
+    and over the heads; 'map' pooling uses this rule too, not the pooling query's attention
+    (which is only defined after the last block), and its attention pool attends to the kept
+    tokens only. Class, distillation and register tokens are always kept. package=True
+    appends each image's pruned tokens, averaged by attention, as one token (EViT's fused
+    token; 'token' pooling only). keep_rate=1.0 without mass: no pruning (timm's forward).
+    forward_features and forward_intermediates return full token grids (pruned tokens hold
+    their last value); forward_tokens the packed kept tokens (see SparseVisionTransformer).
 
     A VisionTransformer subclass that defines its own forward, forward_features,
     forward_head, forward_intermediates, _pos_embed or pool (other than timm's distilled
@@ -63,13 +68,12 @@ def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] 
     sparse_class = _sparse_vit_class(type(model))
     for i, blk in enumerate(model.blocks):
         _check_vit_block(blk, f"model.blocks[{i}]")
-    if model.attn_pool is not None or model.global_pool not in ("token", "avg", ""):
-        raise ValueError(f"patch.vit supports global_pool 'token', 'avg' or '', got {model.global_pool!r}")
+    _check_vit_pool(model)
     depth = len(model.blocks)
     layers = default_prune_layers(depth) if prune_layers is None else check.integers(prune_layers, "prune_layers")
     if any(not 1 <= i < depth for i in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"prune_layers must be distinct block indices in [1, {depth}) (a block prunes on the "
-                         f"previous block's class attention), got {list(layers)}")
+                         f"previous block's attention), got {list(layers)}")
     if not isinstance(package, bool):
         raise TypeError(f"package must be a bool, got {type(package).__name__}")
     if package and model.global_pool != "token":
@@ -80,6 +84,7 @@ def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] 
         for blk in model.blocks:
             blk.__class__ = SparseBlock
             blk.num_prefix_tokens = model.num_prefix_tokens
+            blk.received_attention = model.cls_token is None
             blk.package = package
         model.prune_layers = tuple(sorted(layers))
         set_sparsity(model, keep_rate=keep_rate, mass=mass)
@@ -116,6 +121,15 @@ def _restored_on_failure(modules: Iterable[nn.Module]):
             vars(m).clear()
             vars(m).update(attrs)
         raise
+
+
+def _check_vit_pool(model: VisionTransformer) -> None:
+    from timm.layers import AttentionPoolLatent  # here, not at the top: only this check needs it
+
+    if model.global_pool not in ("token", "avg", "", "map") or (
+            model.global_pool == "map") != (type(model.attn_pool) is AttentionPoolLatent):
+        raise ValueError(f"patch.vit supports global_pool 'token', 'avg', '' or 'map' (timm's AttentionPoolLatent), "
+                         f"got {model.global_pool!r} with attn_pool {type(model.attn_pool).__name__}")
 
 
 def _check_vit_block(blk: nn.Module, name: str) -> None:
@@ -240,8 +254,6 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
             mass, keep_rate = check.rate(mass, "mass"), 1.0
         else:
             keep_rate = check.rate(keep_rate, "keep_rate")
-        if (mass is not None or keep_rate < 1.0) and model.cls_token is None:
-            raise ValueError("token pruning needs a class token (its attention scores the tokens)")
         for i, blk in enumerate(model.blocks):
             prunes = i in model.prune_layers
             blk.keep_rate, blk.mass = (keep_rate, mass) if prunes else (1.0, None)

@@ -180,6 +180,26 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, return_cls_att
     return (out, cls_attn) if return_cls_attn else out
 
 
+def received_attention(q, k, v, cu_seqlens, scale=None):
+    """One sequence at a time, in the inputs' dtype: out = softmax(q k^T * scale) v over the rows
+    cu_seqlens[b]:cu_seqlens[b+1], and received[t] (float32, float64 for float64 inputs): the
+    mean over the sequence's queries and the heads of the attention they give to token t (the
+    column of its key in the softmax), the token score of a ViT without a class token."""
+    T, H, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    received = q.new_zeros(T, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        p = torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1)  # [H, queries, keys]
+        out[start:end] = (p @ vs).transpose(0, 1)
+        received[start:end] = p.mean(1).mean(0).to(received.dtype)
+    return out, received
+
+
 def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None):
     """softmax(q k^T * scale + bias[h] + mask[window_ids[m]]) v for windows [M, H, n, D],
     computed in the inputs' dtype. scale: a number or a tensor [H] (one per head)."""

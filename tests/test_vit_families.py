@@ -28,12 +28,17 @@ def make(name, dtype=torch.float32):
     model_name, config, _ = FAMILIES[name]
     torch.manual_seed(0)
     net = timm.create_model(model_name, pretrained=False, num_classes=5, **config).to(dtype).eval()
-    with torch.no_grad():  # LayerScale weights that matter, and biases that are not zero
+    return weights_that_matter(net)
+
+
+def weights_that_matter(net):
+    """LayerScale weights randn * 0.5 (timm starts them near 0), biases and norms not at 0 / 1."""
+    with torch.no_grad():
         for m in net.modules():
             if hasattr(m, "gamma"):
                 m.gamma.copy_(torch.randn_like(m.gamma) * 0.5)
-        for name_, p in net.named_parameters():
-            if name_.endswith(".bias") or "norm" in name_:
+        for name, p in net.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return net
 

@@ -1,6 +1,7 @@
 """Token pruning in timm ViT blocks (SaiT-style): a block that prunes keeps the tokens with the
-most class attention in the block before it, and it and every later block run on the kept
-tokens only, packed image after image (per image a different count: never padded).
+most class attention in the block before it (without a class token: the most attention
+received, see _received_attention), and it and every later block run on the kept tokens
+only, packed image after image (per image a different count: never padded).
 
 ``Tokens`` is what flows between the blocks of a pruned model: the packed rows plus their
 sequence bounds and positions. A SparseBlock given a plain [B, N, C] tensor is timm's Block,
@@ -33,7 +34,9 @@ class Tokens:
     """A batch of token sequences packed as rows: image b is rows cu_seqlens[b]:cu_seqlens[b+1]
     of x [T, C]. seq_len is the common length when every image has it (known without a host
     sync: no pruning, or a fixed keep rate), else None. cls_attn [T] float32: per token, its
-    class token's attention to it (mean over heads) in the last block, for the next pruning.
+    score for the next pruning, from the last block: the class token's attention to it (mean
+    over heads), or in a model without a class token the attention it received (mean over
+    its image's queries and the heads; see _received_attention).
     index int64 [T]: each row's position b * N + n in the [B, N] token grid the model began
     with (-1: a package token, which has none); None: the rows are that grid, in order."""
     x: Tensor
@@ -81,17 +84,43 @@ def _class_row_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
         return scores.softmax(-1).mean(1).reshape(-1)
 
 
+def _received_attention(q: Tensor, k: Tensor, v: Tensor, t: "Tokens", scale: float):
+    """Attention over the packed rows of t, q, k, v [T, H, D] -> (out [T, H, D], received [T]).
+
+    received (float32, float64 for float64; no gradient): per token, the softmax attention it
+    receives, mean over the queries of its image and over the heads: the importance score of
+    a model without a class token. Fused attention keeps no probabilities, so this block
+    computes them explicitly (in float32, float64 for float64, like varlen_attention's
+    PyTorch path) and takes both the output and the column means from the same ones: one
+    dense batch per run of consecutive images of equal length (a fixed keep rate: the whole
+    batch, without a host sync; padding to the longest image instead was 3x slower on CPU)."""
+    T, H, D = q.shape
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    runs = [(0, t.batch_size, t.seq_len)] if t.seq_len is not None else _varlen._runs(t.cu_seqlens, T)
+    outs, received = [], []
+    for start, n, length in runs or [(0, 0, 0)]:
+        qs, ks, vs = (z[start:start + n * length].to(stat).view(n, length, H, D).transpose(1, 2) for z in (q, k, v))
+        p = ((qs * scale) @ ks.transpose(-1, -2)).softmax(-1)  # [n, H, L, L]
+        outs.append((p @ vs).transpose(1, 2).reshape(n * length, H, D))
+        received.append(p.detach().mean(2).mean(1).reshape(-1))
+    return torch.cat(outs).to(q.dtype), torch.cat(received)
+
+
 class SparseBlock(Block):
     """timm's ViT Block (same parameters), which on Tokens prunes at its entry when it is a
-    prune layer and returns the class attention when the next block prunes.
+    prune layer and returns the token scores (Tokens.cls_attn) when the next block prunes.
 
     Set by sparse_ops.patch.vit / set_sparsity: keep_rate, mass (None: by keep_rate), package,
-    emit_cls_attn, num_prefix_tokens."""
+    emit_cls_attn (return the scores), num_prefix_tokens, and received_attention (False: the
+    scores are the class token's attention row, a side output of the attention kernel; True,
+    for models without a class token: the attention each token receives, from
+    _received_attention)."""
     keep_rate: float = 1.0
     mass: Optional[float] = None
     package: bool = False
     emit_cls_attn: bool = False
     num_prefix_tokens: int = 1
+    received_attention: bool = False
 
     @property
     def prunes(self) -> bool:
@@ -111,8 +140,8 @@ class SparseBlock(Block):
     def _select(self, t: Tokens):
         """-> (Tokens of the kept rows, whose x is still the rows to gather from; rows [T'])."""
         if t.cls_attn is None:
-            raise ValueError("a pruning SparseBlock needs the class attention of the block before it "
-                             "(Tokens.cls_attn); patch.vit sets that block to return it")
+            raise ValueError("a pruning SparseBlock needs the token scores of the block before it "
+                             "(Tokens.cls_attn: class or received attention); patch.vit sets that block to return them")
         B, P = t.batch_size, self.num_prefix_tokens
         if t.seq_len is not None:
             idx = self._select_index(t.cls_attn.view(B, t.seq_len))
@@ -167,7 +196,9 @@ class SparseBlock(Block):
         q, k, v = qkv.unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
         cls_attn = None
-        if t.seq_len is None:
+        if self.emit_cls_attn and self.received_attention:
+            o, cls_attn = _received_attention(q, k, v, t, attn.scale)
+        elif t.seq_len is None:
             o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, attn.scale, self.emit_cls_attn)
         else:  # equal lengths: a dense batch for SDPA, and the class row's attention beside it
             B, L = t.batch_size, t.seq_len
@@ -191,11 +222,12 @@ class SparseVisionTransformer(VisionTransformer):
     prunes, with timm's return types:
 
     - forward(x): logits, pooled from the packed kept tokens ('token': the class token row;
-      'avg': the mean of the kept tokens).
+      'avg': the mean of the kept tokens; 'map': timm's attention pool, whose latent query
+      attends to the kept tokens only, masked in forward_features' grid).
     - forward_features(x): the [B, N, C] token grid after the final norm; a token pruned
       before block i holds its output of block i - 1. The tensor carries ``kept_tokens``
-      (bool [B, N]: the tokens the last block ran on), so that forward_head pools 'avg' over
-      the kept tokens only and forward_head(forward_features(x)) equals forward(x).
+      (bool [B, N]: the tokens the last block ran on), so that forward_head pools 'avg' and
+      'map' over the kept tokens only and forward_head(forward_features(x)) equals forward(x).
     - forward_tokens(x): the same, packed: Tokens of the kept rows after the final norm
       (index: each row's position in that grid); forward_head pools it as forward does.
     - forward_intermediates / features_only: timm's outputs, each a full grid as above.
@@ -283,8 +315,12 @@ class SparseVisionTransformer(VisionTransformer):
                                  f"{self.global_pool!r}; use forward_features' token grid")
             return self._head(self._pool_packed(x), pre_logits)
         kept = getattr(x, "kept_tokens", None)
+        skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        if kept is not None and self.attn_pool is not None:  # 'map': the latent query sees the kept tokens only
+            pruned = torch.zeros(kept[:, skip:].shape, dtype=x.dtype, device=x.device)
+            pruned = pruned.masked_fill(~kept[:, skip:], float("-inf"))[:, None, None, :]  # [B, 1, 1, N']
+            return self._head(self.attn_pool(x[:, skip:], attn_mask=pruned), pre_logits)
         if kept is not None and self.global_pool == "avg":
-            skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
             weight = kept[:, skip:].to(x.dtype).unsqueeze(-1)
             pooled = (x[:, skip:] * weight).sum(1) / weight.sum(1).clamp_min(1)
             return self._head(pooled, pre_logits)
