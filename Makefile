@@ -67,4 +67,4 @@ gpu-check:
 	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build build-cmake dist *.egg-info sparse_ops/*.so
+	rm -rf build build-cmake dist *.egg-info sparse_ops/*.so sparse_ops/_build_info.py

@@ -3,6 +3,12 @@
 Importing sparse_ops never fails because sparse_ops._C is missing (or was built without
 CUDA): those ops fall back to the plain-PyTorch reference, and that is said once, at import.
 Set SPARSE_OPS_BACKEND=reference to force the fallback (for debugging and tests).
+
+_C is compiled against one torch, recorded in _build_info.py beside it. When _C is there but
+fails to load (undefined symbols, a missing CUDA library) and the torch installed is not that
+one, the import raises an ImportError naming both: the fallback would hide a broken install.
+When it loads under another torch, a RuntimeWarning says so (the symbols it needs resolved,
+but the layouts behind them may have changed); rebuilding silences it.
 """
 import importlib.util
 import logging
@@ -29,14 +35,51 @@ TRITON_OPS = {"varlen_attention": "varlen_attention", "window_attention": "windo
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+def _import_extension():
+    from . import _C  # loading it registers the ops
+
+    return _C
+
+
+def _built_for():
+    """(torch.__version__, CUDA version or None) that _C was compiled against, as setup.py
+    recorded them; None where nothing was recorded (a CMake build, a hand-copied _C)."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None
+    return _build_info.TORCH_VERSION, _build_info.CUDA_VERSION
+
+
+def abi_mismatch(built_for):
+    """What is wrong when built_for (see _built_for) is not the torch running now, else None."""
+    if built_for is None:
+        return None
+    torch_version, cuda_version = built_for
+    if torch_version == torch.__version__ and cuda_version in (None, torch.version.cuda):
+        return None
+    built = f"CUDA {cuda_version}" if cuda_version else "no CUDA kernels"
+    installed = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (f"sparse_ops._C was built for torch {torch_version} ({built}) but torch {torch.__version__} "
+            f"({installed}) is installed; rebuild with `pip install --no-build-isolation --no-deps -e .` "
+            "or install the matching torch")
+
+
 def _load_extension():
     if os.environ.get("SPARSE_OPS_BACKEND") == "reference":
         return None, "SPARSE_OPS_BACKEND=reference"
+    mismatch = abi_mismatch(_built_for())
     try:
-        from . import _C  # noqa: F401  (loading it registers the ops)
-    except ImportError as e:
+        extension = _import_extension()
+    except (ImportError, OSError) as e:
+        missing = isinstance(e, ModuleNotFoundError) and e.name == f"{__package__}._C"
+        if mismatch and not missing:
+            raise ImportError(f"{mismatch} (loading it failed: {e}; SPARSE_OPS_BACKEND=reference "
+                              "runs the plain-PyTorch fallback instead)") from e
         return None, f"{type(e).__name__}: {e}"
-    return _C, None
+    if mismatch:
+        warnings.warn(f"{mismatch} (it loaded, but may misbehave)", RuntimeWarning, stacklevel=3)
+    return extension, None
 
 
 extension, load_error = _load_extension()
