@@ -7,9 +7,11 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Iterable, Optional, Sequence, Union
 
-from timm.layers import Mlp
+from timm.layers import GluMlp, Mlp, RotaryEmbeddingCat, SwiGLU
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
 from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Stage
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
@@ -17,7 +19,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from . import _checks as check
-from .nn import (SparseBlock, SparseSwinBlock, SparseSwinStage, SparseVisionTransformer,
+from .nn import (SparseBlock, SparseEva, SparseEvaBlock, SparseSwinBlock, SparseSwinStage, SparseVisionTransformer,
                  SparseVisionTransformerDistilled, swinv2)
 
 
@@ -59,7 +61,10 @@ def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] 
     A VisionTransformer subclass that defines its own forward, forward_features,
     forward_head, forward_intermediates, _pos_embed or pool (other than timm's distilled
     DeiT) is refused with a TypeError, and on any error the model is left as it was.
-    Returns the model (the wrapper, for a features_only one)."""
+    A timm Eva (or a wrapper around one) goes to patch.eva. Returns the model (the wrapper,
+    for a features_only one)."""
+    if isinstance(model, Eva) or isinstance(getattr(model, "model", None), Eva):
+        return eva(model, keep_rate=keep_rate, mass=mass, prune_layers=prune_layers, package=package)
     wrapper = model
     if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), VisionTransformer):
         model = model.model
@@ -146,6 +151,87 @@ def _check_vit_block(blk: nn.Module, name: str) -> None:
                             f"{type(getattr(blk, part)).__name__}")
     if not isinstance(blk.mlp, Mlp):
         raise TypeError(f"{name}.mlp must be timm's Mlp, got {type(blk.mlp).__name__}")
+
+
+# ------------------------------------------------------------------------------ Eva
+_EVA_ROPES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3)  # get_embed(): one [N, 2 * head_dim] table
+
+
+def eva(model: Eva, keep_rate: float = 1.0, mass: Optional[float] = None,
+        prune_layers: Optional[Sequence[int]] = None, package: bool = False) -> Eva:
+    """Token pruning for a timm Eva (eva02_*, eva_*: rotary position embeddings, SwiGLU or
+    GELU MLP, q/k norms, LayerScale) or the features_only wrapper timm builds around one, in
+    place, as patch.vit does for a VisionTransformer (patch.vit hands Eva models here; same
+    arguments and return types). Each kept token takes its rotary embedding with it, so a
+    pruned block is timm's EvaBlock on the kept tokens with their own rope
+    (sparse_ops.nn.eva).
+
+    Supported: a class token (its attention ranks the tokens), register tokens, rope None or
+    'cat' / 'dinov3' (one table for all blocks, fixed or dynamic image size), EvaBlock with
+    EvaAttention (fused or separate q/k/v) without gate or attention dropout, global_pool
+    'token', 'avg' or ''. Anything else (no class token, EvaBlockPostNorm, 'mixed' or 'mrope'
+    rope, attn_type 'rope', 'map' pooling, a subclass of Eva) raises a TypeError or
+    ValueError naming it, before the model is changed; on any error it is left as it was."""
+    wrapper = model
+    if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), Eva):
+        model = model.model
+    if type(model) not in (Eva, SparseEva):
+        raise TypeError(f"patch.eva takes timm's Eva (or a features_only wrapper around one), "
+                        f"got {type(model).__name__}")
+    if model.cls_token is None:
+        raise TypeError(f"patch.eva cannot patch this {type(model).__name__}: it has no class token "
+                        f"(class_token=False), whose attention ranks the tokens")
+    if model.rope is not None and (model.rope_mixed or not isinstance(model.rope, _EVA_ROPES)):
+        raise TypeError(f"patch.eva supports Eva's rope_type 'cat' and 'dinov3' (one [N, E] table for every "
+                        f"block), not {type(model.rope).__name__}")
+    for i, blk in enumerate(model.blocks):
+        _check_eva_block(blk, f"model.blocks[{i}]", model.num_prefix_tokens)
+    if model.attn_pool is not None or model.global_pool not in ("token", "avg", ""):
+        raise ValueError(f"patch.eva supports global_pool 'token', 'avg' or '', got {model.global_pool!r}")
+    layers = _prune_layer_indices(prune_layers, len(model.blocks))
+    if not isinstance(package, bool):
+        raise TypeError(f"package must be a bool, got {type(package).__name__}")
+    if package and model.global_pool != "token":
+        raise ValueError(f"package=True needs global_pool 'token' (a package token has no place in the token "
+                         f"grid that 'avg' pooling reads), got {model.global_pool!r}")
+    with _restored_on_failure([model, *model.blocks]):
+        model.__class__ = SparseEva
+        for blk in model.blocks:
+            blk.__class__ = SparseEvaBlock
+            blk.num_prefix_tokens = model.num_prefix_tokens
+            blk.package = package
+        model.prune_layers = layers
+        set_sparsity(model, keep_rate=keep_rate, mass=mass)
+    return wrapper
+
+
+def _prune_layer_indices(prune_layers: Optional[Sequence[int]], depth: int) -> tuple:
+    layers = default_prune_layers(depth) if prune_layers is None else check.integers(prune_layers, "prune_layers")
+    if any(not 1 <= i < depth for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"prune_layers must be distinct block indices in [1, {depth}) (a block prunes on the "
+                         f"previous block's class attention), got {list(layers)}")
+    return tuple(sorted(layers))
+
+
+def _check_eva_block(blk: nn.Module, name: str, num_prefix_tokens: int) -> None:
+    if isinstance(blk, EvaBlockPostNorm):
+        raise TypeError(f"{name} is an EvaBlockPostNorm (use_post_norm=True: the norms follow attention and MLP), "
+                        f"which patch.eva does not support; it supports timm's EvaBlock")
+    if type(blk) not in (EvaBlock, SparseEvaBlock):
+        raise TypeError(f"{name} is a {type(blk).__name__}; patch.eva supports timm's EvaBlock")
+    attn = blk.attn
+    if type(attn) is not EvaAttention or attn.gate is not None:
+        raise TypeError(f"{name}.attn must be timm's EvaAttention without a gate (attn_type 'eva', gated_attn=False), "
+                        f"got {type(attn).__name__}")
+    if attn.attn_drop.p > 0:
+        raise ValueError(f"{name}.attn has attention dropout ({attn.attn_drop.p}), which packed attention lacks")
+    if attn.num_prefix_tokens != num_prefix_tokens:
+        raise ValueError(f"{name}.attn leaves {attn.num_prefix_tokens} prefix tokens unrotated, the model has "
+                         f"{num_prefix_tokens}")
+    if not isinstance(blk.norm1, nn.LayerNorm):
+        raise TypeError(f"{name}.norm1 must be a LayerNorm (fused into the qkv GEMM), got {type(blk.norm1).__name__}")
+    if not isinstance(blk.mlp, (Mlp, GluMlp, SwiGLU)):
+        raise TypeError(f"{name}.mlp must be timm's Mlp, GluMlp or SwiGLU, got {type(blk.mlp).__name__}")
 
 
 # ------------------------------------------------------------------------------ Swin
@@ -236,6 +322,9 @@ def _per_block_ratios(stages: list, ratios) -> list:
 
 
 # ---------------------------------------------------------------------------- density
+_TOKEN_PRUNED = (SparseVisionTransformer, SparseEva)  # the models patch.vit / patch.eva make
+
+
 def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Optional[float] = None,
                  ratios: Union[None, float, Sequence[float]] = None) -> nn.Module:
     """Change the density of a patched model at run time, on the same weights (SaiT's one
@@ -243,9 +332,9 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
     Swin (patch.swin): ratios as in patch.swin (0.0: dense; a ValueError where they decrease
     within a stage). Returns the model."""
     wrapper = model
-    if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), SparseVisionTransformer):
+    if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), _TOKEN_PRUNED):
         model = model.model
-    if isinstance(model, SparseVisionTransformer):
+    if isinstance(model, _TOKEN_PRUNED):
         if ratios is not None:
             raise ValueError("ratios is for Swin models; a ViT takes keep_rate or mass")
         if (keep_rate is None and mass is None) or (mass is not None and keep_rate not in (None, 1.0)):
@@ -283,7 +372,7 @@ def _is_patched_swin(model: nn.Module) -> bool:
 
 def _current_sparsity(model: nn.Module) -> dict:
     """The set_sparsity arguments that restore the model's present density."""
-    if isinstance(model, SparseVisionTransformer):
+    if isinstance(model, _TOKEN_PRUNED):
         blk = next((b for b in model.blocks if b.prunes), None)
         if blk is None:
             return dict(keep_rate=1.0)

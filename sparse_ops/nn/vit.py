@@ -241,9 +241,10 @@ class SparseVisionTransformer(VisionTransformer):
     def _embed(self, x: Tensor) -> Tensor:
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
-    def _run_blocks(self, x: Tensor, take=frozenset(), last: Optional[int] = None):
+    def _run_blocks(self, x: Tensor, take=frozenset(), last: Optional[int] = None, **block_kwargs):
         """Embedded tokens x [B, N, C] through blocks 0..last (default: all) -> (the Tokens
-        after the last, {i: the token grid [B, N, C] after block i for i in take}).
+        after the last, {i: the token grid [B, N, C] after block i for i in take});
+        block_kwargs go to every block (SparseEva's rope).
 
         A grid is restored with one scatter of the rows alive since the previous grid: the
         current rows, plus each row a prune layer dropped on the way, with the value it had
@@ -256,9 +257,9 @@ class SparseVisionTransformer(VisionTransformer):
         for i, blk in enumerate(blocks):
             before = tokens
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(blk, tokens, use_reentrant=False)
+                tokens = checkpoint(blk, tokens, use_reentrant=False, **block_kwargs)
             else:
-                tokens = blk(tokens)
+                tokens = blk(tokens, **block_kwargs)
             if blk.prunes:
                 alive = torch.zeros(B * N + 1, dtype=torch.bool, device=x.device).index_fill_(0, tokens.index + 1, True)
                 position = before.positions()  # -1 (package rows) stays -1: never written

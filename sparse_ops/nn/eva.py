@@ -1,0 +1,224 @@
+"""Token pruning in timm's Eva (EVA-02: rotary position embeddings, SwiGLU MLP, optional q/k
+norms, LayerScale). SparseEvaBlock prunes as the ViT's SparseBlock does (at a prune layer, per
+image the tokens with the most class attention in the block before it; kept tokens packed
+image after image) and each kept token takes its rotary embedding with it: a block on Tokens
+rotates each row's q and k by the rope row of that row's position in the token grid the model
+began with, so a pruned block computes what timm's EvaBlock computes on the gathered sequence
+with the gathered rope. Prefix tokens (class, register) are not rotated, as in timm; nor is a
+package token, which has no position.
+
+SparseEva keeps timm's return types as SparseVisionTransformer does: full token grids from
+forward_features / forward_intermediates (a pruned token holds its value from the block before
+the one that dropped it), the packed kept rows from forward_tokens.
+"""
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.models._features import feature_take_indices
+from timm.models.eva import Eva, EvaBlock
+from torch import Tensor
+
+from ..attention import varlen as _varlen
+from ..fused import _ln_linear_op
+from ._common import drop_path, gather
+from .vit import SparseBlock, SparseVisionTransformer, Tokens, _class_row_attention
+
+
+def rope_rows(rope: Tensor, positions: Tensor, num_prefix_tokens: int) -> Tensor:
+    """[T, E]: for each token at positions [T] (b * N + n in the [B, N] token grid; -1: a
+    package token) its row of timm's rope table [N - P, E] (or [B, 1, N - P, E], one table per
+    image, after patch dropout); the prefix and package tokens get the identity rotation
+    (sin 0, cos 1), which leaves q and k exactly as timm leaves the prefix tokens."""
+    if rope.dim() not in (2, 4):
+        raise ValueError(f"rope must be [N, E] or [B, 1, N, E] (timm's rotary table), got shape {tuple(rope.shape)}")
+    E, per_grid = rope.shape[-1], rope.shape[-2]
+    N = per_grid + num_prefix_tokens
+    image, n = positions.div(N, rounding_mode="floor"), positions.remainder(N)
+    row = n - num_prefix_tokens
+    if rope.dim() == 4:
+        row = row + image * per_grid
+    identity = torch.cat([rope.new_zeros(E // 2), rope.new_ones(E // 2)])  # timm's [sin, cos] halves
+    rotated = (positions >= 0) & (n >= num_prefix_tokens)
+    return torch.where(rotated.unsqueeze(1), rope.reshape(-1, E)[row.clamp_min(0)], identity)
+
+
+def qkv_projection(attn) -> tuple:
+    """(weight, bias) of EvaAttention's q, k and v projections as one GEMM: the fused qkv
+    Linear with timm's q_bias, zero k_bias and v_bias, or the three separate Linears stacked."""
+    if attn.qkv is not None:
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        return attn.qkv.weight, bias
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([lin.weight for lin in linears])
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    return weight, torch.cat([weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias for lin in linears])
+
+
+class SparseEvaBlock(EvaBlock):
+    """timm's EvaBlock (same parameters), which on Tokens prunes at its entry when it is a
+    prune layer and returns the class attention when the next block prunes; rope is timm's
+    table for the unpruned grid (Eva._pos_embed's), from which each row takes its own.
+
+    Set by sparse_ops.patch.eva / set_sparsity: keep_rate, mass (None: by keep_rate), package,
+    emit_cls_attn, num_prefix_tokens."""
+    keep_rate: float = 1.0
+    mass: Optional[float] = None
+    package: bool = False
+    emit_cls_attn: bool = False
+    num_prefix_tokens: int = 1
+
+    # SparseBlock's selection (top-k or mass of the class attention, the package token) reads
+    # only the attributes above and the Tokens: shared with the ViT, not copied.
+    prunes = SparseBlock.prunes
+    _select = SparseBlock._select
+    _select_index = SparseBlock._select_index
+    _add_package_token = SparseBlock._add_package_token
+
+    def forward(self, x, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        if isinstance(x, Tensor):
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        tokens, rows = self._select(x) if self.prunes else (x, None)
+        if tokens.index is None and not self.emit_cls_attn:  # the unpruned grid: timm's block on it
+            out = super().forward(tokens.dense(), rope=rope).reshape(tokens.x.shape)
+            return replace(tokens, x=out, cls_attn=None)
+        return self._forward_packed(tokens, rows, rope)
+
+    def _forward_packed(self, t: Tokens, rows: Optional[Tensor], rope: Optional[Tensor]) -> Tokens:
+        attn = self.attn
+        T = t.x.shape[0] if rows is None else rows.shape[0]
+        src = t.x if t.x.stride(1) == 1 else t.x.contiguous()
+        qkv = _ln_linear_op(src, rows, self.norm1.weight, self.norm1.bias, self.norm1.eps, *qkv_projection(attn))[0]
+        q, k, v = qkv.view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            r = rope_rows(rope, t.positions(), attn.num_prefix_tokens).unsqueeze(1)  # [T, 1, E]
+            q = apply_rot_embed_cat(q, r, half=attn.rotate_half).type_as(v)
+            k = apply_rot_embed_cat(k, r, half=attn.rotate_half).type_as(v)
+        cls_attn = None
+        if t.seq_len is None:
+            o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, attn.scale, self.emit_cls_attn)
+        else:  # equal lengths: a dense batch for SDPA, and the class row's attention beside it
+            B, L = t.batch_size, t.seq_len
+            q, k, v = (z.reshape(B, L, attn.num_heads, -1).transpose(1, 2) for z in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
+            if self.emit_cls_attn:
+                cls_attn = _class_row_attention(q, k, attn.scale)
+        o = attn.proj_drop(attn.proj(attn.norm(o.reshape(T, -1))))
+        if self.gamma_1 is not None:
+            o = self.gamma_1 * o
+        x = gather(t.x, rows)
+        # t.x still holds the rows before the gather: count images over the gathered ones
+        sample = replace(t, x=x).sample_of_row() if self.training else None
+        x = x + drop_path(self.drop_path1, o, sample, t.batch_size)
+        h = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            h = self.gamma_2 * h
+        x = x + drop_path(self.drop_path2, h, sample, t.batch_size)
+        return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len,
+                      cls_attn if self.emit_cls_attn else None, t.index)
+
+
+class SparseEva(Eva):
+    """timm's Eva (same parameters) whose blocks pass Tokens when any of them prunes, with
+    timm's return types, as SparseVisionTransformer (whose block loop, grid restoration and
+    packed pooling it uses):
+
+    - forward(x): logits, pooled from the packed kept tokens ('token': the class token row;
+      'avg': the mean of the kept patch tokens).
+    - forward_features(x): the [B, N, C] grid after the final norm, pruned tokens paused,
+      carrying ``kept_tokens`` (bool [B, N]) for forward_head's 'avg'.
+    - forward_tokens(x): the same, packed (Tokens of the kept rows; index: their grid positions).
+    - forward_intermediates / features_only: timm's outputs, each a full grid.
+
+    An empty batch, an attention mask, or no block that prunes: timm's forward, unchanged."""
+    timm_class = Eva
+    pool_include_prefix = False  # timm's Eva pools 'avg' over the patch tokens (global_pool_nlc)
+
+    _prunes = SparseVisionTransformer._prunes
+    _run_blocks = SparseVisionTransformer._run_blocks
+    _kept_grid = SparseVisionTransformer._kept_grid
+    _head = SparseVisionTransformer._head
+    _pool_packed = SparseVisionTransformer._pool_packed
+
+    def _embed(self, x: Tensor):
+        """-> (tokens [B, N, C], timm's rope table or None)."""
+        x, rope = self._pos_embed(self.patch_embed(x))
+        return self.norm_pre(x), rope
+
+    def forward_tokens(self, x: Tensor) -> Tokens:
+        """The packed form of forward_features (see SparseVisionTransformer.forward_tokens)."""
+        if not self._prunes(x):
+            return Tokens.from_dense(super().forward_features(x))
+        x, rope = self._embed(x)
+        tokens, _ = self._run_blocks(x, rope=rope)
+        return replace(tokens, x=self.norm(tokens.x), cls_attn=None)
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if not self._prunes(x, attn_mask, is_causal):
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        last = len(self.blocks) - 1
+        x, rope = self._embed(x)
+        tokens, grids = self._run_blocks(x, take={last}, rope=rope)
+        out = self.norm(grids[last])
+        out.kept_tokens = self._kept_grid(tokens, out)
+        return out
+
+    def forward_head(self, x, pre_logits: bool = False):
+        """timm's head on a tensor (forward_features' grid: 'avg' over its kept_tokens) or on
+        Tokens (forward_tokens)."""
+        if isinstance(x, Tokens):
+            if self.global_pool == "token":
+                return self._head(x.x[x.cu_seqlens[:-1].long()], pre_logits)
+            if self.global_pool != "avg":
+                raise ValueError(f"forward_head pools Tokens with global_pool 'token' or 'avg', not "
+                                 f"{self.global_pool!r}; use forward_features' token grid")
+            return self._head(self._pool_packed(x), pre_logits)
+        kept = getattr(x, "kept_tokens", None)
+        if kept is not None and self.global_pool == "avg":
+            P = self.num_prefix_tokens
+            weight = kept[:, P:].to(x.dtype).unsqueeze(-1)
+            pooled = (x[:, P:] * weight).sum(1) / weight.sum(1).clamp_min(1)
+            return self._head(pooled, pre_logits)
+        return super().forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        if not self._prunes(x, attn_mask, is_causal):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if self.global_pool in ("token", "avg"):
+            return self.forward_head(self.forward_tokens(x))
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices=None, return_prefix_tokens: bool = False, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        """timm's forward_intermediates, pruning as forward does: each intermediate is the
+        full token grid after its block (pruned tokens paused)."""
+        if not self._prunes(x, attn_mask, is_causal):
+            return super().forward_intermediates(
+                x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm, stop_early=stop_early,
+                output_fmt=output_fmt, intermediates_only=intermediates_only, attn_mask=attn_mask,
+                is_causal=is_causal)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        last = max_index if stop_early else len(self.blocks) - 1
+        take = sorted(i for i in set(take_indices) if i <= last)
+        x, rope = self._embed(x)
+        _, grids = self._run_blocks(x, take=set(take) if intermediates_only else {*take, last}, last=last, rope=rope)
+        intermediates = [self.norm(grids[i]) if norm else grids[i] for i in take]
+        P = self.num_prefix_tokens
+        prefix_tokens = [y[:, :P] for y in intermediates]
+        intermediates = [y[:, P:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(grids[last]), intermediates
