@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import _checks as check
 from .nn import SparseVisionTransformer, Tokens
-from .patch import _current_sparsity, _is_patched_swin, set_sparsity
+from .patch import _current_sparsity, _is_patched_swin, _swin_stages, set_sparsity
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,16 @@ class StepLosses:
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(softmax(teacher / T) || softmax(student / T)) * T^2, averaged over the batch.
-    The teacher is detached: gradients reach the student only."""
+    Logits [B, K], or [B, K, *positions] for dense prediction (classes in dim 1, as
+    F.cross_entropy takes them): then per position, averaged over all positions. The
+    teacher is detached: gradients reach the student only."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
+    if student_logits.dim() > 2:  # one distribution per position: rows of K classes
+        student_logits, teacher_logits = (t.movedim(1, -1).flatten(0, -2) for t in (student_logits, teacher_logits))
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
@@ -90,13 +94,16 @@ def _dense_sparsity(model: nn.Module) -> dict:
 def dense_sparse_step(model: nn.Module, images: Tensor, targets: Tensor, sparse_options: dict,
                       criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                       distill_weight: float = 1.0, temperature: float = 1.0,
-                      optimizer: Optional[torch.optim.Optimizer] = None) -> StepLosses:
+                      optimizer: Optional[torch.optim.Optimizer] = None,
+                      backbone: Optional[nn.Module] = None) -> StepLosses:
     """One SaiT dense/sparse step on a patched ViT or Swin (or a DistributedDataParallel
-    around one): loss = criterion(dense) + criterion(sparse) + distill_weight *
-    distillation_loss(sparse, dense, temperature). sparse_options go to set_sparsity (e.g.
-    dict(keep_rate=0.7), dict(mass=0.9), dict(ratios=[...])). The model's previous sparsity
-    is restored afterwards. With an optimizer: zero_grad, backward, step; without one the
-    caller owns backward (the loss parts returned are detached floats either way).
+    around one), or on any model holding one as `backbone` (e.g. a segmentation head over a
+    patched features_only Swin, logits [B, K, H, W]): loss = criterion(dense) +
+    criterion(sparse) + distill_weight * distillation_loss(sparse, dense, temperature).
+    sparse_options go to set_sparsity of the patched model (e.g. dict(keep_rate=0.7),
+    dict(mass=0.9), dict(ratios=[...])). Its previous sparsity is restored afterwards. With
+    an optimizer: zero_grad, backward, step; without one the caller owns backward (the loss
+    parts returned are detached floats either way).
 
     Under DDP both passes run through the wrapper, so gradients are reduced once per pass:
     wrap with find_unused_parameters=True when the sparse pass may skip parameters (e.g. a
@@ -106,7 +113,7 @@ def dense_sparse_step(model: nn.Module, images: Tensor, targets: Tensor, sparse_
     if distill_weight < 0:
         raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-    inner = _unwrap(model)
+    inner = _unwrap(model) if backbone is None else backbone
     previous = _current_sparsity(inner)
     try:
         set_sparsity(inner, **_dense_sparsity(inner))
@@ -143,8 +150,9 @@ def sample_keep_rate(choices: Optional[Sequence[float]] = None, low: float = 0.5
 def sample_swin_ratios(model: nn.Module, choices: Sequence[float] = tuple(i / 10 for i in range(8)),
                        generator: Optional[torch.Generator] = None) -> List[float]:
     """SparseViT's sparsity-aware adaptation: one random window ratio per block of a patched
-    Swin, drawn from `choices` and sorted non-decreasing within each stage (a stage's blocks
-    keep nested window sets). Deterministic under `generator`."""
+    Swin (or a features_only wrapper around one: the stages it holds), drawn from `choices`
+    and sorted non-decreasing within each stage (a stage's blocks keep nested window sets).
+    Deterministic under `generator`."""
     inner = _unwrap(model)
     if not _is_patched_swin(inner):
         raise TypeError(f"model must be patched by sparse_ops.patch.swin, got {type(inner).__name__}")
@@ -152,7 +160,7 @@ def sample_swin_ratios(model: nn.Module, choices: Sequence[float] = tuple(i / 10
     if not values or any(not 0.0 <= v < 1.0 for v in values):
         raise ValueError(f"choices must be non-empty ratios in [0, 1), got {choices!r}")
     ratios = []
-    for stage in inner.layers:
+    for _, stage in _swin_stages(inner):
         drawn = torch.randint(len(values), (len(stage.blocks),), generator=generator).tolist()
         ratios += sorted(values[i] for i in drawn)
     return ratios

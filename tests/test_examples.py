@@ -1,5 +1,5 @@
-"""examples/digits.py runs as a user runs it (a fresh process, no TRITON_INTERPRET), in its
---quick smoke mode, and writes its report."""
+"""examples/digits.py and examples/digits_seg.py run as a user runs them (a fresh process, no
+TRITON_INTERPRET), in their --quick smoke modes, and write their reports."""
 import os
 import pathlib
 import subprocess
@@ -18,3 +18,18 @@ def test_digits_example_quick(tmp_path):
     rows = [line for line in report.splitlines() if line.startswith("| ViT |") or line.startswith("| Swin |")]
     assert len(rows) == 8, report  # 4 sparsities x 2 models
     assert "Search (Swin" in report and "per-block ratios [" in report
+
+
+def test_digits_seg_example_quick(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "digits_seg.md"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "digits_seg.py"), "--quick", "--out", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = out.read_text()
+    rows = [line.split("|")[1:-1] for line in report.splitlines() if line.startswith("| 0.")]
+    assert [row[0].strip() for row in rows] == ["0.0", "0.3", "0.5", "0.7"], report
+    for row in rows:  # mIoU and pixel accuracy in [0, 100] %, a latency, a speed-up
+        assert all(0.0 <= float(cell.strip().rstrip(" %")) <= 100.0 for cell in row[1:5]), row
+        assert row[5].strip().endswith(" ms") and row[6].strip().endswith("x"), row
+    assert rows[0][6].strip() == "1.00x"

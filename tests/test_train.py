@@ -146,6 +146,57 @@ def test_dense_sparse_step_without_optimizer_leaves_backward_to_caller():
         dense_sparse_step(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), 0.5)
 
 
+
+# ------------------------------------------------------------ dense prediction backbones
+def test_distillation_loss_per_pixel():
+    student, teacher = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)  # [B, K, H, W]
+    T = 1.5
+    p, q = (teacher / T).softmax(1), (student / T).softmax(1)
+    expected = (p * (p.log() - q.log())).sum(1).mean() * T * T  # KL per pixel, mean over pixels
+    torch.testing.assert_close(distillation_loss(student, teacher, T), expected)
+
+
+def tiny_swin_features(out_indices=(0, 1, 2)):
+    torch.manual_seed(0)
+    return patch.swin(timm.create_model("swin_tiny_patch4_window7_224", features_only=True, out_indices=out_indices,
+                                        img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2),
+                                        num_heads=(1, 2, 4)))
+
+
+def test_sample_swin_ratios_features_only():
+    gen = torch.Generator().manual_seed(0)
+    for out_indices, blocks in (((0, 1, 2), 6), ((0, 1), 4)):  # the wrapper holds stages up to the last index
+        ratios = sample_swin_ratios(tiny_swin_features(out_indices), (0.0, 0.3, 0.6), gen)
+        assert len(ratios) == blocks and all(ratios[i] <= ratios[i + 1] for i in range(0, blocks, 2))
+
+
+class PixelHead(torch.nn.Module):
+    """A patched features_only Swin and a 1x1 classifier on its finest map: logits [B, K, H, W]."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = tiny_swin_features()
+        self.classifier = torch.nn.Conv2d(self.backbone.feature_info.channels()[0], 3, 1)
+
+    def forward(self, images):
+        return self.classifier(self.backbone(images)[0].permute(0, 3, 1, 2))
+
+
+def test_dense_sparse_step_on_a_backbone():
+    model = PixelHead()
+    sparse_ops.set_sparsity(model.backbone, ratios=0.25)
+    torch.manual_seed(1)
+    images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 16, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = [dense_sparse_step(model, images, targets, dict(ratios=[0.0, 0.5] * 3), optimizer=optimizer,
+                                backbone=model.backbone) for _ in range(3)]
+    assert losses[-1].total < losses[0].total and losses[0].distill > 0
+    blocks = [b for name, stage in model.backbone.items() if name.startswith("layers_") for b in stage.blocks]
+    assert [b.sparsity for b in blocks] == [0.25] * 6  # restored
+    with pytest.raises(TypeError, match="PixelHead"):  # the head itself has no density
+        dense_sparse_step(model, images, targets, dict(ratios=0.5))
+
+
 # --------------------------------------------------------------------------------- DDP
 DDP_WORKER = textwrap.dedent("""
     import os, sys, torch, timm, torch.distributed as dist
