@@ -8,6 +8,7 @@ from typing import Callable, List, Optional, Sequence
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
 from timm.models.swin_transformer import WindowAttention, window_partition, window_reverse
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 
@@ -23,11 +24,15 @@ MODELS = {
     "deit_base": ("deit_base_patch16_224", {}),
     "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
     "swinv2_tiny": ("swinv2_tiny_window8_256", {}),
+    "eva02_tiny": ("eva02_tiny_patch14_224", {}),
+    "vit_base_clip": ("vit_base_patch16_clip_224", {}),
     # Tiny stand-ins for --quick, the smoke run of the tests (18x18 tokens: padded windows).
     "vit_test": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
                                               num_classes=10)),
     "swin_test": ("swin_tiny_patch4_window7_224", dict(img_size=72, embed_dim=16, depths=(2, 2, 2, 2),
                                                        num_heads=(1, 2, 2, 4), num_classes=10)),
+    "eva_test": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3,
+                                                num_classes=10)),
 }
 
 
@@ -119,6 +124,44 @@ def evit_forward(net, images: torch.Tensor, keep_rate: Optional[float] = None, m
             x, kept = block(x, attn_mask=key_mask), candidates
         if counts is not None and i in layers:
             counts.append(torch.as_tensor(kept).expand(images.shape[0]).tolist())
+    return net.forward_head(net.norm(x))
+
+
+# ----------------------------------------------------------------- EViT-style Eva
+def evit_eva_forward(net, images: torch.Tensor, keep_rate: float, layers: Sequence[int] = (3, 6, 9)) -> torch.Tensor:
+    """A timm Eva (EVA-02) forward pruning at `layers` the EViT way, at a fixed keep rate, as
+    evit_prune_block does for the ViT: the prune layer's attention runs over all tokens and
+    its class row is computed explicitly (after q/k norm and rope); torch.gather keeps the top
+    tokens and their rope rows; the MLP and the later, unchanged timm EvaBlocks run on those."""
+    x, rope = net._pos_embed(net.patch_embed(images))
+    x, P = net.norm_pre(x), net.num_prefix_tokens
+    if rope is not None:
+        rope = rope.expand(x.shape[0], *rope.shape)  # [B, N - P, E]: one table per image once pruned
+    for i, block in enumerate(net.blocks):
+        r = None if rope is None else rope.unsqueeze(1)
+        candidates = x.shape[1] - P
+        if i not in layers or kept_count(keep_rate, candidates) == candidates:
+            x = block(x, rope=r)
+            continue
+        attn, (B, N, C) = block.attn, x.shape
+        if attn.qkv is None:
+            raise ValueError("the EViT Eva baseline needs a fused qkv projection (qkv_fused=True)")
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(block.norm1(x), attn.qkv.weight, bias).reshape(B, N, 3, attn.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if r is not None:
+            q, k = (torch.cat([z[:, :, :P], apply_rot_embed_cat(z[:, :, P:], r, half=attn.rotate_half)], 2).type_as(v)
+                    for z in (q, k))
+        out = attn.proj(attn.norm(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)))
+        x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
+        scores = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)[:, 0, P:]  # [B, N - P]
+        keep = scores.topk(kept_count(keep_rate, candidates), dim=1).indices
+        x = torch.cat([x[:, :P], torch.gather(x[:, P:], 1, keep.unsqueeze(-1).expand(-1, -1, C))], dim=1)
+        if rope is not None:
+            rope = torch.gather(rope, 1, keep.unsqueeze(-1).expand(-1, -1, rope.shape[-1]))
+        h = block.mlp(block.norm2(x))
+        x = x + (h if block.gamma_2 is None else block.gamma_2 * h)
     return net.forward_head(net.norm(x))
 
 

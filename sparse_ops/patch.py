@@ -166,10 +166,11 @@ def eva(model: Eva, keep_rate: float = 1.0, mass: Optional[float] = None,
     pruned block is timm's EvaBlock on the kept tokens with their own rope
     (sparse_ops.nn.eva).
 
-    Supported: a class token (its attention ranks the tokens), register tokens, rope None or
+    Supported: a class token (its attention row ranks the tokens) or none (the attention each
+    token receives ranks them, as in patch.vit), register tokens, rope None or
     'cat' / 'dinov3' (one table for all blocks, fixed or dynamic image size), EvaBlock with
     EvaAttention (fused or separate q/k/v) without gate or attention dropout, global_pool
-    'token', 'avg' or ''. Anything else (no class token, EvaBlockPostNorm, 'mixed' or 'mrope'
+    'token', 'avg' or ''. Anything else (EvaBlockPostNorm, 'mixed' or 'mrope'
     rope, attn_type 'rope', 'map' pooling, a subclass of Eva) raises a TypeError or
     ValueError naming it, before the model is changed; on any error it is left as it was."""
     wrapper = model
@@ -178,9 +179,6 @@ def eva(model: Eva, keep_rate: float = 1.0, mass: Optional[float] = None,
     if type(model) not in (Eva, SparseEva):
         raise TypeError(f"patch.eva takes timm's Eva (or a features_only wrapper around one), "
                         f"got {type(model).__name__}")
-    if model.cls_token is None:
-        raise TypeError(f"patch.eva cannot patch this {type(model).__name__}: it has no class token "
-                        f"(class_token=False), whose attention ranks the tokens")
     if model.rope is not None and (model.rope_mixed or not isinstance(model.rope, _EVA_ROPES)):
         raise TypeError(f"patch.eva supports Eva's rope_type 'cat' and 'dinov3' (one [N, E] table for every "
                         f"block), not {type(model.rope).__name__}")
@@ -199,6 +197,7 @@ def eva(model: Eva, keep_rate: float = 1.0, mass: Optional[float] = None,
         for blk in model.blocks:
             blk.__class__ = SparseEvaBlock
             blk.num_prefix_tokens = model.num_prefix_tokens
+            blk.received_attention = model.cls_token is None
             blk.package = package
         model.prune_layers = layers
         set_sparsity(model, keep_rate=keep_rate, mass=mass)

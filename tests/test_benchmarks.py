@@ -39,6 +39,7 @@ def counted(fn, *args) -> int:
     ("deit_small", {}, 1),
     ("swin_test", {}, 2),  # 18x18 tokens: padded windows
     ("swin_tiny", {}, 1),
+    ("eva_test", {}, 2),  # Eva: rope, SwiGLU (GluMlp), q/v bias outside the Linear
 ])
 def test_dense_flops_match_flop_counter(label, kwargs, batch):
     net = unfused(label, **kwargs)

@@ -28,6 +28,9 @@ EVAS = {  # name -> (Eva arguments, input sizes)
     "dinov3-rope": (dict(use_rot_pos_emb=True, rope_type="dinov3", num_reg_tokens=1, swiglu_mlp=True,
                          init_values=0.1, use_abs_pos_emb=False), [(32, 32)]),
     "no-rope": (dict(swiglu_mlp=True, global_pool="token"), [(32, 32)]),
+    # as timm's vit_*_rope_reg1_gap_*: ranked by the attention each token receives
+    "no-class-token-register-avg": (dict(use_rot_pos_emb=True, class_token=False, num_reg_tokens=1,
+                                         swiglu_mlp=True, init_values=0.1), [(32, 32)]),
 }
 LAYERS = (1, 3)
 
@@ -64,10 +67,13 @@ def timm_qk(blk, x, rope):
     return q, k
 
 
-def class_attention(blk, x, rope):
-    """[B, N]: the class token's softmax attention row in timm's EvaBlock, mean over heads."""
+def token_scores(blk, x, rope, class_token=True):
+    """[B, N] in timm's EvaBlock blk: the class token's softmax attention row, mean over heads;
+    without a class token the attention each token receives, mean over queries and heads."""
     q, k = timm_qk(blk, x, rope)
-    return ((q[:, :, :1] * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)[:, 0]
+    if class_token:
+        return ((q[:, :, :1] * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)[:, 0]
+    return ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).mean(2).mean(1)
 
 
 def reference_eva(net, x, layers, **mode):
@@ -84,7 +90,7 @@ def reference_eva(net, x, layers, **mode):
                 t, position = t[:, keep], position[keep]
             r = None if rope is None else rope[position[P:] - P]
             if i + 1 in layers:
-                scores = class_attention(blk, t, r)
+                scores = token_scores(blk, t, r, net.cls_token is not None)
             t = EvaBlock.forward(blk, t, rope=r)
         outs.append(net.forward_head(net.norm(t)))
     return torch.cat(outs)
@@ -164,7 +170,8 @@ def test_full_grid_outputs():
 
 # ----------------------------------------------------------------------- single blocks
 @pytest.mark.parametrize("mode", [dict(keep_rate=0.5), dict(mass=0.6)], ids=["keep_rate", "mass"])
-@pytest.mark.parametrize("name", ["qknorm-token-unfused-scalenorms", "registers-dynamic-gelu"])
+@pytest.mark.parametrize("name", ["qknorm-token-unfused-scalenorms", "registers-dynamic-gelu",
+                                  "no-class-token-register-avg"])
 def test_pruned_block_is_timm_block_on_the_gathered_tokens_and_rope(name, mode):
     """A prune-layer block that also emits the class attention for the next one: each image's
     rows are timm's EvaBlock on its kept tokens with their rope rows, and the emitted scores
@@ -183,7 +190,8 @@ def test_pruned_block_is_timm_block_on_the_gathered_tokens_and_rope(name, mode):
         keep = kept.index[cu[b]:cu[b + 1]] - b * x.shape[1]
         r = rope[keep[P:] - P]
         torch.testing.assert_close(out.x[cu[b]:cu[b + 1]], EvaBlock.forward(dense, x[b:b + 1, keep], rope=r)[0])
-        torch.testing.assert_close(out.cls_attn[cu[b]:cu[b + 1]], class_attention(dense, x[b:b + 1, keep], r)[0])
+        want = token_scores(dense, x[b:b + 1, keep], r, net.cls_token is not None)[0]
+        torch.testing.assert_close(out.cls_attn[cu[b]:cu[b + 1]], want)
     assert torch.equal(out.index, kept.index)
 
 
@@ -236,12 +244,12 @@ def test_set_sparsity_and_compile_at_a_fixed_rate():
 
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kw,error,match", [
-    (dict(class_token=False), TypeError, "Eva: it has no class token"),
     (dict(use_post_norm=True), TypeError, "EvaBlockPostNorm"),
     (dict(rope_type="mixed"), TypeError, "RotaryEmbeddingMixed"),
     (dict(attn_type="rope", qkv_fused=False), TypeError, "must be timm's EvaAttention"),
     (dict(attn_drop_rate=0.1), ValueError, "attention dropout"),
     (dict(global_pool="max"), ValueError, "global_pool 'token', 'avg' or ''"),
+    (dict(class_token=False, global_pool="map"), ValueError, "global_pool 'token', 'avg' or ''"),
 ])
 def test_unsupported_variants_are_refused_before_any_change(kw, error, match):
     net = make("eva02-avg", **kw)

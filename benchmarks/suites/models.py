@@ -19,6 +19,10 @@ configuration) only, without torch.compile.
   tools/measure_latency.py: the backbone alone on 4 images): every stage's features, NCHW,
   as timm's forward_intermediates(x, intermediates_only=True) returns them; beside the
   classifier in the same configuration. Methods as for the classifier.
+- EVA-02-Ti (eva02_tiny_patch14_224: rotary embeddings, SwiGLU, 'avg' pooling) and CLIP's
+  ViT-B/16 (vit_base_patch16_clip_224: norm_pre) at keep rate 0.7, pruning as DeiT (EVA's
+  naive: EViT's pruning around timm's EvaBlocks, rope rows gathered with the tokens; ours =
+  sparse_ops.patch.eva / patch.vit).
 - Swin V2-T (swinv2_tiny_window8_256) at 512x512 with a window sparsity s in every block:
   the same methods (naive: SparseViT-style around V2's res-post-norm block; flex: unavailable,
   V2's cosine attention is not the peer's score_mod).
@@ -27,6 +31,8 @@ adaptive mode, from the counts the naive baseline kept on the benchmark batch)."
 import functools
 
 import torch
+
+from sparse_ops.select import kept_count
 
 from .. import baselines, flops
 from ..core import Case, Config, Setup, compiled, guarded, pick
@@ -58,6 +64,25 @@ def _vit(cfg: Config, model: str, batch: int, keep_rate=None, mass=None) -> Setu
     ours = guarded(lambda: baselines.patched("vit", net, **mode, prune_layers=layers, package=False))
     methods = {"dense": lambda: net(images),
                "naive": lambda: baselines.evit_forward(net, images, **mode, layers=layers),
+               "ours": ours if not callable(ours) else (lambda: ours(images))}
+    return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
+
+
+def _eva(cfg: Config, model: str, batch: int, keep_rate: float) -> Setup:
+    """EVA-02 at a fixed keep rate; naive = EViT's pruning around timm's EvaBlocks (the rope
+    rows gathered with the tokens)."""
+    net = baselines.model(model, cfg.device, cfg.dtype, None)
+    images = _images(net, batch, cfg)
+    layers = baselines.prune_layers(len(net.blocks))
+    kept = [net.patch_embed.num_patches]
+    for _ in layers:
+        kept.append(kept_count(keep_rate, kept[-1]))
+    P = net.num_prefix_tokens
+    schedule = flops.evit_schedule(net.patch_embed.num_patches + P, len(net.blocks), layers, kept[1:], P)
+    dense, sparse = flops.vit(net, batch), flops.vit(net, batch, [schedule] * batch)
+    ours = guarded(lambda: baselines.patched("eva", net, keep_rate=keep_rate, prune_layers=layers))
+    methods = {"dense": lambda: net(images),
+               "naive": lambda: baselines.evit_eva_forward(net, images, keep_rate, layers),
                "ours": ours if not callable(ours) else (lambda: ours(images))}
     return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
 
@@ -106,6 +131,15 @@ def cases(cfg: Config):
                 yield Case(NAME, f"{NAME}/{model}/b{batch}/mass{m}", f"{model} b{batch} adaptive",
                            dict(model=model, batch=batch, mass=m),
                            lambda model=model, batch=batch, m=m: _vit(cfg, model, batch, mass=m))
+
+    # EVA-02 (rotary embeddings, SwiGLU) and CLIP's ViT-B/16 (norm_pre) at one fixed keep rate
+    families = pick(cfg, quick=(("eva_test", 2),), cpu=(("eva02_tiny", 8), ("vit_base_clip", 1)),
+                    cuda=(("eva02_tiny", 64), ("eva02_tiny", 1), ("vit_base_clip", 64), ("vit_base_clip", 1)))
+    for model, batch in families:
+        setup = _eva if model.startswith("eva") else _vit
+        yield Case(NAME, f"{NAME}/{model}/b{batch}/keep0.7", f"{model} b{batch}",
+                   dict(model=model, batch=batch, keep_rate=0.7),
+                   lambda model=model, batch=batch, setup=setup: setup(cfg, model, batch, keep_rate=0.7))
 
     swins = pick(cfg, quick=(("swin_test", None, 1),),
                  cpu=(("swin_tiny", 224, 1), ("swin_tiny", 672, 1), ("swin_tiny", 672, 4), ("swinv2_tiny", 512, 1)),

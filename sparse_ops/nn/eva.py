@@ -1,7 +1,7 @@
 """Token pruning in timm's Eva (EVA-02: rotary position embeddings, SwiGLU MLP, optional q/k
 norms, LayerScale). SparseEvaBlock prunes as the ViT's SparseBlock does (at a prune layer, per
-image the tokens with the most class attention in the block before it; kept tokens packed
-image after image) and each kept token takes its rotary embedding with it: a block on Tokens
+image the tokens with the most class attention in the block before it, or without a class
+token the most attention received; kept tokens packed image after image) and each kept token takes its rotary embedding with it: a block on Tokens
 rotates each row's q and k by the rope row of that row's position in the token grid the model
 began with, so a pruned block computes what timm's EvaBlock computes on the gathered sequence
 with the gathered rope. Prefix tokens (class, register) are not rotated, as in timm; nor is a
@@ -24,7 +24,7 @@ from torch import Tensor
 from ..attention import varlen as _varlen
 from ..fused import _ln_linear_op
 from ._common import drop_path, gather
-from .vit import SparseBlock, SparseVisionTransformer, Tokens, _class_row_attention
+from .vit import SparseBlock, SparseVisionTransformer, Tokens, _class_row_attention, _received_attention
 
 
 def rope_rows(rope: Tensor, positions: Tensor, num_prefix_tokens: int) -> Tensor:
@@ -60,18 +60,20 @@ def qkv_projection(attn) -> tuple:
 
 class SparseEvaBlock(EvaBlock):
     """timm's EvaBlock (same parameters), which on Tokens prunes at its entry when it is a
-    prune layer and returns the class attention when the next block prunes; rope is timm's
+    prune layer and returns the token scores when the next block prunes; rope is timm's
     table for the unpruned grid (Eva._pos_embed's), from which each row takes its own.
 
     Set by sparse_ops.patch.eva / set_sparsity: keep_rate, mass (None: by keep_rate), package,
-    emit_cls_attn, num_prefix_tokens."""
+    emit_cls_attn (return the scores), num_prefix_tokens, received_attention (the scores of a
+    model without a class token: the attention each token receives, as SparseBlock's)."""
     keep_rate: float = 1.0
     mass: Optional[float] = None
     package: bool = False
     emit_cls_attn: bool = False
     num_prefix_tokens: int = 1
+    received_attention: bool = False
 
-    # SparseBlock's selection (top-k or mass of the class attention, the package token) reads
+    # SparseBlock's selection (top-k or mass of the scores, the package token) reads
     # only the attributes above and the Tokens: shared with the ViT, not copied.
     prunes = SparseBlock.prunes
     _select = SparseBlock._select
@@ -99,7 +101,9 @@ class SparseEvaBlock(EvaBlock):
             q = apply_rot_embed_cat(q, r, half=attn.rotate_half).type_as(v)
             k = apply_rot_embed_cat(k, r, half=attn.rotate_half).type_as(v)
         cls_attn = None
-        if t.seq_len is None:
+        if self.emit_cls_attn and self.received_attention:
+            o, cls_attn = _received_attention(q, k, v, t, attn.scale)
+        elif t.seq_len is None:
             o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, attn.scale, self.emit_cls_attn)
         else:  # equal lengths: a dense batch for SDPA, and the class row's attention beside it
             B, L = t.batch_size, t.seq_len
