@@ -161,7 +161,7 @@ def empty_windows(images, pixels: int = 16) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="two epochs on 160 canvases, few timings: a smoke run")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
