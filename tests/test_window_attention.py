@@ -164,22 +164,32 @@ def test_opcheck(path, bias, mask):
     inputs = with_grad(q, k, v) + (with_grad(b) if bias else [None])
     torch.library.opcheck(ops.window_attention_fwd, (*inputs[:3], ids, inputs[3], masks, 0.2))
     dout = torch.randn_like(q)
-    torch.library.opcheck(ops.window_attention_bwd, (dout, q, k, v, ids, b, masks, 0.2, bias))
+    out, lse = ops.window_attention_fwd(q, k, v, ids, b, masks, 0.2)
+    torch.library.opcheck(ops.window_attention_bwd, (dout, q, k, v, out, lse, ids, b, masks, 0.2, bias))
 
 
-def test_compile(path):
-    """fullgraph, forward and backward; the second batch (other M) is traced with dynamic shapes."""
-    compiled = torch.compile(window_attention, fullgraph=True)
-    for M in (6, 3):
-        q, k, v, ids, b, masks = window_inputs(M, 2, 25, 32, torch.float32)
-        inputs, expected = with_grad(q, k, v, b), with_grad(q, k, v, b)
-        out = compiled(*inputs[:3], ids, inputs[3], masks, scale=0.25)
-        out.sum().backward()
-        expected_out = window_attention(*expected[:3], ids, expected[3], masks, scale=0.25)
-        expected_out.sum().backward()
-        torch.testing.assert_close(out, expected_out)
-        for a, e in zip(inputs, expected):
-            torch.testing.assert_close(a.grad, e.grad)
+@pytest.mark.parametrize("bias_grad", [True, False], ids=["bias-grad", "no-bias-grad"])
+def test_compile(path, bias_grad):
+    """fullgraph, forward and backward (without a bias gradient the CPU path runs the flash
+    backward); the second batch (other M) is traced with dynamic shapes."""
+    # the paths' outputs differ in strides (CPU flash: heads inner): nothing compiled for the
+    # other path may be reused (a process runs one path; the tests switch it)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = torch.compile(window_attention, fullgraph=True)
+        for M in (6, 3):
+            q, k, v, ids, b, masks = window_inputs(M, 2, 25, 32, torch.float32)
+            inputs, expected = with_grad(q, k, v) + [b], with_grad(q, k, v) + [b]
+            if bias_grad:
+                inputs[3], expected[3] = with_grad(b)[0], with_grad(b)[0]
+            out = compiled(*inputs[:3], ids, inputs[3], masks, scale=0.25)
+            out.sum().backward()
+            expected_out = window_attention(*expected[:3], ids, expected[3], masks, scale=0.25)
+            expected_out.sum().backward()
+            torch.testing.assert_close(out, expected_out)
+            for a, e in zip(inputs[:3 + bias_grad], expected):
+                torch.testing.assert_close(a.grad, e.grad)
 
 
 q4 = torch.randn(3, 2, 4, 8)

@@ -7,9 +7,12 @@ Dispatch, inside the custom ops (so torch.compile sees one opaque op either way)
   the Triton kernels of sparse_ops.kernels.window_attention;
 - other CPU tensors, float64 on any device (the kernels accumulate in float32), and CUDA
   tensors where triton is not installed (with a warning): plain PyTorch in float32 over all
-  windows at once: on the CPU torch's flash kernel forward, elsewhere (and for the backward)
-  batched matmuls and a fused softmax.
-Both recompute the probabilities in the backward: nothing but the inputs is saved.
+  windows at once. On the CPU torch's flash kernel, forward and backward (the backward from
+  the forward's output and logsumexp), the relative-position bias and the shift mask as one
+  additive mask; elsewhere, and on the CPU where the bias needs its gradient (the flash
+  backward gives none), batched matmuls and a fused softmax.
+The kernels recompute the probabilities in the backward from the inputs alone; the CPU flash
+path also saves its output and logsumexp (the logsumexp output is empty elsewhere).
 """
 from typing import Optional, Union
 
@@ -17,10 +20,15 @@ import torch
 from torch import Tensor
 
 from .. import _checks as check
-from ._dispatch import implementation
+from . import _dispatch
 
 
 # ------------------------------------------------------------------------ PyTorch path
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the arithmetic and of the logsumexp: float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _full_scale(scale, head_scale, acc):
     """The scale as a number or a [1, H, 1, 1] tensor in dtype acc."""
     return scale if head_scale is None else scale * head_scale.to(acc).view(1, -1, 1, 1)
@@ -29,7 +37,7 @@ def _full_scale(scale, head_scale, acc):
 def _probabilities(q, k, window_ids, bias, mask, scale, head_scale):
     """softmax(q k^T * scale * head_scale[h] + bias + mask[window_ids]) [M, H, n, n] in float32
     (float64 for float64 inputs), and the inputs in that dtype."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _stat_dtype(q.dtype)
     q, k = q.to(acc), k.to(acc)
     scores = (q * _full_scale(scale, head_scale, acc)) @ k.transpose(-1, -2)
     if bias is not None:
@@ -39,32 +47,78 @@ def _probabilities(q, k, window_ids, bias, mask, scale, head_scale):
     return torch.softmax(scores, dim=-1), q, k
 
 
+def _cpu_flash(q: Tensor) -> bool:
+    """Whether the PyTorch path of q's op runs torch's CPU flash kernel."""
+    return q.device.type == "cpu" and not _dispatch.use_triton("window_attention", q)
+
+
+def _heads_inner(t: Tensor) -> Tensor:
+    """t [M, H, n, ...] with its memory in [M, n, H, ...] order (a copy only where it is not):
+    the layout torch's CPU flash kernel gives for timm's qkv views, in which out.transpose(1, 2)
+    is already the [M, n, H * D] rows the proj GEMM reads, and the one the fake functions
+    promise for this path."""
+    return t if t.transpose(1, 2).is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _forward_torch(q, k, v, window_ids, bias, mask, scale, head_scale=None):
+    """-> out, logsumexp [M, H, n] (empty off the CPU)."""
     if q.device.type == "cpu":
         return _forward_cpu_flash(q, k, v, window_ids, bias, mask, scale, head_scale)
     p, _, _ = _probabilities(q, k, window_ids, bias, mask, scale, head_scale)
-    return (p @ v.to(p.dtype)).to(q.dtype)
+    return (p @ v.to(p.dtype)).to(q.dtype), q.new_empty(0, dtype=p.dtype)
+
+
+def _additive_mask(window_ids, bias, mask, acc):
+    """bias + mask[window_ids] as one additive mask in dtype acc, broadcast ([1, H, n, n] or
+    [M, 1, n, n]) where only one of them is given; None without either."""
+    additive = None if bias is None else bias.to(acc).unsqueeze(0)  # [1, H, n, n]
+    if mask is not None:
+        window_mask = mask[window_ids].unsqueeze(1).to(acc)  # [M, 1, n, n]
+        additive = window_mask if additive is None else additive + window_mask
+    return additive
+
+
+def _flash_inputs(q, k, v, head_scale):
+    """q, k, v in the arithmetic's dtype, the per-head scale folded into q."""
+    acc = _stat_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    if head_scale is not None:
+        q = q * head_scale.to(acc).view(1, -1, 1, 1)
+    return q, k, v
 
 
 def _forward_cpu_flash(q, k, v, window_ids, bias, mask, scale, head_scale):
     """The forward on the CPU: torch's flash kernel (what SDPA runs there, reading q, k, v
     through their strides, no score matrix in memory) with bias + mask[window_ids] as one
-    additive mask, broadcast where only one of them is given; the per-head scale folded
-    into q."""
-    dtype, acc = q.dtype, torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    additive mask; the per-head scale folded into q."""
+    dtype = q.dtype
+    q, k, v = _flash_inputs(q, k, v, head_scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=_additive_mask(window_ids, bias, mask, q.dtype), scale=scale)
+    return _heads_inner(out.to(dtype)), _heads_inner(lse)
+
+
+def _backward_cpu_flash(dout, q, k, v, out, lse, window_ids, bias, mask, scale, head_scale):
+    """The backward on the CPU without a bias gradient: torch's flash backward from the
+    forward's output and logsumexp. With a per-head scale folded into q (q' = q * s[h]):
+    dq = dq' * s[h], and d/ds[h] = sum(dq' * q) over that head."""
+    dtype = q.dtype
+    q_in = q
+    q, k, v = _flash_inputs(q, k, v, head_scale)
+    acc = q.dtype
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.to(acc), q, k, v, out.to(acc), lse, 0.0, False,
+        attn_mask=_additive_mask(window_ids, bias, mask, acc), scale=scale)
+    dhead_scale = q.new_empty(0, dtype=torch.float32)
     if head_scale is not None:
-        q = q * head_scale.to(acc).view(1, -1, 1, 1)
-    additive = None if bias is None else bias.to(acc).unsqueeze(0)  # [1, H, n, n]
-    if mask is not None:
-        window_mask = mask[window_ids].unsqueeze(1).to(acc)  # [M, 1, n, n]
-        additive = window_mask if additive is None else additive + window_mask
-    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=additive,
-                                                                        scale=scale)
-    return out.to(dtype).contiguous()
+        dhead_scale = (dq * q_in.to(acc)).sum((0, 2, 3)).to(head_scale.dtype)
+        dq = dq * head_scale.to(acc).view(1, -1, 1, 1)
+    return (*(_heads_inner(g.to(dtype)) for g in (dq, dk, dv)), q.new_empty(0), dhead_scale)
 
 
-def _backward_torch(dout, q, k, v, window_ids, bias, mask, scale, bias_grad, head_scale=None):
+def _backward_torch(dout, q, k, v, out, lse, window_ids, bias, mask, scale, bias_grad, head_scale=None):
+    if q.device.type == "cpu" and not bias_grad:
+        return _backward_cpu_flash(dout, q, k, v, out, lse, window_ids, bias, mask, scale, head_scale)
     p, q_acc, k_acc = _probabilities(q, k, window_ids, bias, mask, scale, head_scale)
     dout, v = dout.to(p.dtype), v.to(p.dtype)
     dp = dout @ v.transpose(-1, -2)
@@ -82,52 +136,89 @@ def _backward_torch(dout, q, k, v, window_ids, bias, mask, scale, bias_grad, hea
 
 
 # -------------------------------------------------------------------------- custom ops
+def _triton_forward(forward):
+    """A kernel forward with the op's (out, logsumexp) result: the kernels save nothing."""
+    def run(q, *args):
+        return forward(q, *args), q.new_empty(0, dtype=_stat_dtype(q.dtype))
+    return run
+
+
 @torch.library.custom_op("sparse_ops::window_attention_fwd", mutates_args=())
-def _forward_op(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-                scale: float, head_scale: Optional[Tensor] = None) -> Tensor:
-    """-> out [M, H, n, D]. head_scale: [H] multiplying scale (float32; float64 for float64
-    inputs), or None."""
-    forward = implementation("window_attention", q, "forward", _forward_torch)
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optional[Tensor],
+                  mask: Optional[Tensor], scale: float, head_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """-> out [M, H, n, D] and the logsumexp [M, H, n] the CPU flash backward reads (float32;
+    float64 for float64 inputs; empty off the CPU's PyTorch path). head_scale: [H]
+    multiplying scale (in the logsumexp's dtype), or None."""
+    if _dispatch.use_triton("window_attention", q):
+        forward = _triton_forward(_dispatch.triton_kernels("window_attention").forward)
+    else:
+        forward = _forward_torch
     return forward(q, k, v, window_ids, bias, mask, scale, head_scale)
 
 
-@_forward_op.register_fake
+def _like_q(q: Tensor, heads_inner: bool, *tail: int, dtype=None) -> Tensor:
+    """An empty [M, H, n, *tail] in q's dtype (or dtype), its memory in [M, n, H, *tail]
+    order where heads_inner (see _heads_inner), else contiguous."""
+    M, H, n, _ = q.shape
+    if heads_inner:
+        return q.new_empty(M, n, H, *tail, dtype=dtype).transpose(1, 2)
+    return q.new_empty(M, H, n, *tail, dtype=dtype)
+
+
+@_attention_op.register_fake
 def _forward_fake(q, k, v, window_ids, bias, mask, scale, head_scale=None):
-    return q.new_empty(q.shape)
+    stat = _stat_dtype(q.dtype)
+    if _cpu_flash(q):
+        return _like_q(q, True, q.shape[3]), _like_q(q, True, dtype=stat)
+    return q.new_empty(q.shape), q.new_empty(0, dtype=stat)
 
 
 @torch.library.custom_op("sparse_ops::window_attention_bwd", mutates_args=())
-def _backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optional[Tensor],
-                 mask: Optional[Tensor], scale: float, bias_grad: bool,
+def _backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, window_ids: Tensor,
+                 bias: Optional[Tensor], mask: Optional[Tensor], scale: float, bias_grad: bool,
                  head_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv [M, H, n, D], dbias [H, n, n] (empty unless bias_grad) and dhead_scale
-    [H] in head_scale's dtype (empty without head_scale)."""
-    backward = implementation("window_attention", q, "backward", _backward_torch)
-    return backward(dout, q, k, v, window_ids, bias, mask, scale, bias_grad, head_scale)
+    [H] in head_scale's dtype (empty without head_scale). out, lse: the forward's results
+    (read by the CPU flash backward only; empty tensors may stand for them elsewhere)."""
+    if _dispatch.use_triton("window_attention", q):
+        return _dispatch.triton_kernels("window_attention").backward(dout, q, k, v, window_ids, bias, mask, scale,
+                                                                     bias_grad, head_scale)
+    return _backward_torch(dout, q, k, v, out, lse, window_ids, bias, mask, scale, bias_grad, head_scale)
 
 
 @_backward_op.register_fake
-def _backward_fake(dout, q, k, v, window_ids, bias, mask, scale, bias_grad, head_scale=None):
+def _backward_fake(dout, q, k, v, out, lse, window_ids, bias, mask, scale, bias_grad, head_scale=None):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
     dhead_scale = q.new_empty(0, dtype=torch.float32) if head_scale is None else head_scale.new_empty(head_scale.shape)
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias, dhead_scale
+    heads_inner = _cpu_flash(q) and not bias_grad
+    return (*(_like_q(q, heads_inner, q.shape[3]) for _ in range(3)), dbias, dhead_scale)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, window_ids, bias, mask, ctx.scale, head_scale = inputs
-    ctx.save_for_backward(q, k, v, window_ids, bias, mask, head_scale)
+    out, lse = output
+    # the output is kept only for the CPU flash backward (the kernels and matmuls recompute)
+    ctx.save_for_backward(q, k, v, out if _cpu_flash(q) else lse, lse, window_ids, bias, mask, head_scale)
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[4]
+    ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout):
-    q, k, v, window_ids, bias, mask, head_scale = ctx.saved_tensors
-    dq, dk, dv, dbias, dhead_scale = _backward_op(dout, q, k, v, window_ids, bias, mask, ctx.scale, ctx.bias_grad,
-                                                  head_scale)
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, window_ids, bias, mask, head_scale = ctx.saved_tensors
+    dq, dk, dv, dbias, dhead_scale = _backward_op(dout, q, k, v, out, lse, window_ids, bias, mask, ctx.scale,
+                                                  ctx.bias_grad, head_scale)
     dhead_scale = dhead_scale if head_scale is not None and ctx.needs_input_grad[7] else None
     return dq, dk, dv, None, dbias if ctx.bias_grad else None, None, None, dhead_scale
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                scale: float, head_scale: Optional[Tensor] = None) -> Tensor:
+    """The op's output [M, H, n, D], unchecked (for the sparse blocks, whose inputs are valid
+    by construction)."""
+    return _attention_op(q, k, v, window_ids, bias, mask, scale, head_scale)[0]
 
 
 # ------------------------------------------------------------------------ public op
