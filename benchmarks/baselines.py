@@ -26,9 +26,12 @@ MODELS = {
     "swinv2_tiny": ("swinv2_tiny_window8_256", {}),
     "eva02_tiny": ("eva02_tiny_patch14_224", {}),
     "vit_base_clip": ("vit_base_patch16_clip_224", {}),
+    "siglip_base": ("vit_base_patch16_siglip_224", {}),
     # Tiny stand-ins for --quick, the smoke run of the tests (18x18 tokens: padded windows).
     "vit_test": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
                                               num_classes=10)),
+    "siglip_test": ("vit_base_patch16_siglip_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=4,
+                                                        num_heads=2, num_classes=10)),
     "swin_test": ("swin_tiny_patch4_window7_224", dict(img_size=72, embed_dim=16, depths=(2, 2, 2, 2),
                                                        num_heads=(1, 2, 2, 4), num_classes=10)),
     "eva_test": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3,

@@ -1,6 +1,6 @@
 """Flash attention over packed variable-length sequences (q, k, v [T, H, D], sequence b is
 rows cu_seqlens[b]:cu_seqlens[b+1]), forward and backward, with the class-attention row as a
-side output of the forward.
+side output of the forward, and the attention each token receives as a second pass.
 
 One program per (query or key block, head, sequence); the number of blocks comes from
 max_seqlen and blocks past a sequence's end exit at once. Head dims that are not a power of
@@ -13,6 +13,11 @@ read, so mostly cache hits) for that single row — a vector dot product per key
 matmul, no rescaling — and writes the exact probabilities to a per-head buffer [H, T]. The
 mean over heads is one small reduction after the kernel: deterministic, unlike fp32 atomics
 across heads (and those would need a zero fill first, which is a launch too).
+
+Received attention (ViTs without a class token): a second kernel, launched after the
+forward, per key block loops over the sequence's queries like the dK/dV kernel, recomputes
+the probabilities from the saved logsumexp and sums them per key (one matmul, no V, no
+atomics); the mean over heads again is one reduction after it.
 
 Backward (deterministic, no atomics): the dQ kernel also computes delta = rowsum(dO * O) for
 its rows (it loads both anyway) and saves it; the dK/dV kernel, launched after it, reads it.
@@ -192,6 +197,37 @@ def _backward_dkdv_kernel(
     store_tile(dv + offset, keys, length, stride_ot, cols, head_dim, dv_acc)
 
 
+@triton.autotune(_configs((64, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)), key=_KEY)
+@triton.jit
+def _received_kernel(
+    q, k, lse, received_heads, cu_seqlens,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, total_tokens, head_dim, qk_scale, seq_bucket,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """For one key block (program axis 0): the mean over the sequence's queries of their
+    softmax probability at each key, from the forward's logsumexp (the dK/dV kernel's loop
+    without dO, V or the second matmul), into received_heads [H, T]."""
+    n_block, head = tl.program_id(0), tl.program_id(1)
+    start, length = _sequence(cu_seqlens, total_tokens)
+    if n_block * BLOCK_N >= length:
+        return
+    keys = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    q_base = q + start * stride_qt + head * stride_qh
+    k_tile = load_tile(k + start * stride_kt + head * stride_kh, keys, length, stride_kt, cols, head_dim, stride_kd,
+                        UPCAST)
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for m0 in range(0, length, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        q_tile = load_tile(q_base, rows, length, stride_qt, cols, head_dim, stride_qd, UPCAST)
+        lse2 = tl.load(lse + head * total_tokens + start + rows, mask=rows < length, other=0.0) * LOG2E_CONST
+        s2_t = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :]
+        inside = (keys[:, None] < length) & (rows[None, :] < length)  # rows past the end would add exp2(0)
+        total += tl.sum(tl.exp2(tl.where(inside, s2_t, float("-inf"))), 1)
+    tl.store(received_heads + head * total_tokens + start + keys, total / length, mask=keys < length)
+
+
 def _shape_args(q, max_seqlen):
     """Arguments shared by all three kernels: T, D, padded D and the autotune bucket."""
     T, H, D = q.shape
@@ -237,3 +273,19 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float)
                 q, k, v, dout, lse, delta, dk, dv, cu_seqlens, *strides(q, k, v, dout), H * D, D, **args
             )
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+def forward_received(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+    """-> forward's out and lse, and received float32 [T]: per token, the softmax attention it
+    receives, mean over its sequence's queries and the heads (a second pass from lse)."""
+    out, lse, _ = forward(q, k, v, cu_seqlens, max_seqlen, scale, False)
+    T, H, D = q.shape
+    cu_seqlens = cu_seqlens.contiguous()
+    received_heads = torch.empty(H, T, dtype=torch.float32, device=q.device)
+    if T:
+        with on_device_of(q):
+            _received_kernel[_grid("BLOCK_N", H, max_seqlen, cu_seqlens.numel() - 1)](
+                q, k, lse, received_heads, cu_seqlens, *strides(q, k), qk_scale=scale * LOG2E,
+                **_shape_args(q, max_seqlen),
+            )
+    return out, lse, received_heads.mean(0)

@@ -7,6 +7,10 @@ configuration) only, without torch.compile.
   tokens whose class-attention mass reaches m). dense = the timm model; naive = EViT-style
   (explicit class-attention row, torch.gather, unchanged timm blocks; the adaptive mode pads
   the batch to its largest count and masks the padding); ours = sparse_ops.patch.vit.
+- SigLIP B/16 at 224 (no class token, attention-pool head) pruning at blocks 3, 6, 9 with a
+  fixed keep rate, tokens ranked by the attention they receive: dense and ours only (the
+  EViT-style naive peer ranks by the class token's row, which this model lacks); FLOPs
+  without the attention-pool head.
 - Swin-T at 224 and at 672x672 (batch 4) with a window sparsity s in every block, and
   SparseViT's per-block ratios (stage 0: 0.6, stage 1: 0, stage 2: 0.2/0.4/0.5 in pairs,
   stage 3: 0). dense = the timm model; naive = SparseViT-style (roll, pad, partition, top
@@ -35,7 +39,7 @@ import torch
 from sparse_ops.select import kept_count
 
 from .. import baselines, flops
-from ..core import Case, Config, Setup, compiled, guarded, pick
+from ..core import Case, Config, Setup, Unavailable, compiled, guarded, pick
 
 NAME = "models"
 MEMORY_BOUND = False
@@ -83,6 +87,25 @@ def _eva(cfg: Config, model: str, batch: int, keep_rate: float) -> Setup:
     ours = guarded(lambda: baselines.patched("eva", net, keep_rate=keep_rate, prune_layers=layers))
     methods = {"dense": lambda: net(images),
                "naive": lambda: baselines.evit_eva_forward(net, images, keep_rate, layers),
+               "ours": ours if not callable(ours) else (lambda: ours(images))}
+    return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
+
+
+def _vit_no_class(cfg: Config, model: str, batch: int, keep_rate: float) -> Setup:
+    net = baselines.model(model, cfg.device, cfg.dtype, None)
+    images = _images(net, batch, cfg)
+    layers = baselines.prune_layers(len(net.blocks))
+    P = net.num_prefix_tokens
+    N = net.patch_embed.num_patches + P
+    kept, candidates = [], N - P  # a fixed rate keeps the same counts in every image
+    for _ in layers:
+        candidates = kept_count(keep_rate, candidates)
+        kept.append(candidates)
+    dense = flops.vit(net, batch)
+    sparse = flops.vit(net, batch, [flops.evit_schedule(N, len(net.blocks), layers, kept, P)] * batch)
+    ours = guarded(lambda: baselines.patched("vit", net, keep_rate=keep_rate, prune_layers=layers))
+    methods = {"dense": lambda: net(images),
+               "naive": Unavailable("the EViT-style peer ranks tokens by the class token's row; this model has none"),
                "ours": ours if not callable(ours) else (lambda: ours(images))}
     return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense)
 
@@ -140,6 +163,14 @@ def cases(cfg: Config):
         yield Case(NAME, f"{NAME}/{model}/b{batch}/keep0.7", f"{model} b{batch}",
                    dict(model=model, batch=batch, keep_rate=0.7),
                    lambda model=model, batch=batch, setup=setup: setup(cfg, model, batch, keep_rate=0.7))
+
+    no_class = pick(cfg, quick=(("siglip_test", 2),), cpu=(("siglip_base", 1),), cuda=(("siglip_base", 64),
+                                                                                ("siglip_base", 1)))
+    for model, batch in no_class:
+        for r in pick(cfg, quick=(0.5,), cpu=(0.7,), cuda=(0.7, 0.5)):
+            yield Case(NAME, f"{NAME}/{model}/b{batch}/keep{r}", f"{model} b{batch}",
+                       dict(model=model, batch=batch, keep_rate=r),
+                       lambda model=model, batch=batch, r=r: _vit_no_class(cfg, model, batch, r))
 
     swins = pick(cfg, quick=(("swin_test", None, 1),),
                  cpu=(("swin_tiny", 224, 1), ("swin_tiny", 672, 1), ("swin_tiny", 672, 4), ("swinv2_tiny", 512, 1)),

@@ -1,5 +1,6 @@
 """varlen_attention: softmax attention within each sequence of a packed batch (the token path of
-a pruned ViT), optionally with the class-attention row that drives the next pruning decision.
+a pruned ViT), optionally with the class-attention row that drives the next pruning decision,
+or with the attention each token receives (the score of ViTs without a class token).
 
 Dispatch, inside the custom ops (so torch.compile sees one opaque op either way):
 - CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 (how the tests run the kernels):
@@ -110,6 +111,28 @@ def _backward_torch(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     return dq, dk, dv
 
 
+def _forward_received_torch(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Explicit probabilities, one run of equal lengths at a time, in float32 (float64 for
+    float64): the output, logsumexp and column means all from the same ones."""
+    T, H, D = q.shape
+    stat = _stat_dtype(q.dtype)
+    out = q.new_empty(T, H, D)
+    lse = q.new_empty(H, T, dtype=stat)
+    received = q.new_empty(T, dtype=stat)
+    for start, n, length in _runs(cu_seqlens, T):
+        end = start + n * length
+        qs, ks, vs = (_as_batch(t, start, n, length, stat) for t in (q, k, v))
+        scores = (qs * scale) @ ks.transpose(-1, -2)  # [n, H, L, L]
+        p = scores.softmax(-1)
+        # the row maximum's probability is exp(max - lse) >= 1/L: the logsumexp without a
+        # second pass of exp over the scores (a third faster than logsumexp then exp on CPU)
+        lse_run = scores.amax(-1) - p.amax(-1).log()
+        out[start:end] = (p @ vs).transpose(1, 2).flatten(0, 1)
+        lse[:, start:end] = lse_run.transpose(0, 1).flatten(1)
+        received[start:end] = p.mean(2).mean(1).flatten()
+    return out, lse, received
+
+
 # -------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("sparse_ops::varlen_attention_fwd", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
@@ -139,20 +162,40 @@ def _backward_fake(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
+@torch.library.custom_op("sparse_ops::varlen_attention_received_fwd", mutates_args=())
+def _forward_received_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> out [T, H, D], logsumexp [H, T], received [T]: per token, the softmax attention it
+    receives, mean over its sequence's queries and the heads (the token score of a ViT
+    without a class token). Kernels: the forward, then a second pass over q and k from the
+    logsumexp; PyTorch: explicit probabilities."""
+    forward = implementation("varlen_attention", q, "forward_received", _forward_received_torch)
+    return forward(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@_forward_received_op.register_fake
+def _forward_received_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+    return _forward_fake(q, k, v, cu_seqlens, max_seqlen, scale, True)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, ctx.max_seqlen, ctx.scale, _ = inputs
-    out, lse, cls_attn = output
+    """Both forward ops: inputs (q, k, v, cu_seqlens, max_seqlen, scale, ...), outputs (out,
+    lse, a non-differentiable side output)."""
+    q, k, v, cu_seqlens, ctx.max_seqlen, ctx.scale = inputs[:6]
+    ctx.num_inputs = len(inputs)
+    out, lse, side = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.mark_non_differentiable(lse, cls_attn)
+    ctx.mark_non_differentiable(lse, side)
 
 
-def _backward(ctx, dout, _dlse, _dcls_attn):
+def _backward(ctx, dout, _dlse, _dside):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = _backward_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, *[None] * (ctx.num_inputs - 3)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_received_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------ public op

@@ -89,21 +89,11 @@ def _received_attention(q: Tensor, k: Tensor, v: Tensor, t: "Tokens", scale: flo
 
     received (float32, float64 for float64; no gradient): per token, the softmax attention it
     receives, mean over the queries of its image and over the heads: the importance score of
-    a model without a class token. Fused attention keeps no probabilities, so this block
-    computes them explicitly (in float32, float64 for float64, like varlen_attention's
-    PyTorch path) and takes both the output and the column means from the same ones: one
-    dense batch per run of consecutive images of equal length (a fixed keep rate: the whole
-    batch, without a host sync; padding to the longest image instead was 3x slower on CPU)."""
-    T, H, D = q.shape
-    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-    runs = [(0, t.batch_size, t.seq_len)] if t.seq_len is not None else _varlen._runs(t.cu_seqlens, T)
-    outs, received = [], []
-    for start, n, length in runs or [(0, 0, 0)]:
-        qs, ks, vs = (z[start:start + n * length].to(stat).view(n, length, H, D).transpose(1, 2) for z in (q, k, v))
-        p = ((qs * scale) @ ks.transpose(-1, -2)).softmax(-1)  # [n, H, L, L]
-        outs.append((p @ vs).transpose(1, 2).reshape(n * length, H, D))
-        received.append(p.detach().mean(2).mean(1).reshape(-1))
-    return torch.cat(outs).to(q.dtype), torch.cat(received)
+    a model without a class token, a side output of the attention (varlen_attention's
+    kernels with a second pass over q and k from the logsumexp on CUDA; on the CPU the
+    probabilities explicitly, the output and the column means from the same ones)."""
+    out, _, received = _varlen._forward_received_op(q, k, v, t.cu_seqlens, t.max_seqlen, scale)
+    return out, received
 
 
 class SparseBlock(Block):
