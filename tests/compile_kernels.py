@@ -19,7 +19,7 @@ MAX_SHARED = {90: 227 * 1024}
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 ACTIVATIONS = {"q", "k", "v", "out", "dout", "dq", "dk", "dv",  # pointers in the inputs' dtype
                "x", "h", "weight", "residual", "ln_weight", "ln_bias", "dxn", "xn", "dx"}
-FLOAT32 = {"lse", "cls_heads", "delta", "bias", "mask", "dbias", "mean", "rstd", "partials", "head_scale",
+FLOAT32 = {"lse", "cls_heads", "received_heads", "delta", "bias", "mask", "dbias", "mean", "rstd", "partials", "head_scale",
            "dhead_scale"}  # pointers to float32
 SCALARS = {"qk_scale": "fp32", "scale": "fp32", "eps": "fp32", "cu_seqlens": "*i32", "window_ids": "*i64",
            "rows": "*i64"}
@@ -70,7 +70,7 @@ def main(arch: str = "90", dtype: str = "bf16"):
         shape = varlen_attention._shape_args(q, 197)
         constexprs = dict(BLOCK_D=shape["BLOCK_D"], DOT_PRECISION=shape["DOT_PRECISION"], UPCAST=False,
                           RETURN_CLS=True)
-        for name in ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel"):
+        for name in ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel", "_received_kernel"):
             compile_configs(f"varlen_attention.{name} D={head_dim}", getattr(varlen_attention, name), dtype,
                             constexprs, target)
     # Swin's windows of 7x7, 8x8 and 12x12 tokens at its head dim 32; 7x7 also at 64. 8x8 with
