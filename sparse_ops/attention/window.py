@@ -57,7 +57,12 @@ def _heads_inner(t: Tensor) -> Tensor:
     the layout torch's CPU flash kernel gives for timm's qkv views, in which out.transpose(1, 2)
     is already the [M, n, H * D] rows the proj GEMM reads, and the one the fake functions
     promise for this path."""
-    return t if t.transpose(1, 2).is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
+    swapped = t.transpose(1, 2)
+    return t if swapped.is_contiguous() else swapped.contiguous().transpose(1, 2)
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _forward_torch(q, k, v, window_ids, bias, mask, scale, head_scale=None):
@@ -71,9 +76,9 @@ def _forward_torch(q, k, v, window_ids, bias, mask, scale, head_scale=None):
 def _additive_mask(window_ids, bias, mask, acc):
     """bias + mask[window_ids] as one additive mask in dtype acc, broadcast ([1, H, n, n] or
     [M, 1, n, n]) where only one of them is given; None without either."""
-    additive = None if bias is None else bias.to(acc).unsqueeze(0)  # [1, H, n, n]
+    additive = None if bias is None else _to(bias, acc).unsqueeze(0)  # [1, H, n, n]
     if mask is not None:
-        window_mask = mask[window_ids].unsqueeze(1).to(acc)  # [M, 1, n, n]
+        window_mask = _to(mask[window_ids], acc).unsqueeze(1)  # [M, 1, n, n]
         additive = window_mask if additive is None else additive + window_mask
     return additive
 
@@ -81,7 +86,7 @@ def _additive_mask(window_ids, bias, mask, acc):
 def _flash_inputs(q, k, v, head_scale):
     """q, k, v in the arithmetic's dtype, the per-head scale folded into q."""
     acc = _stat_dtype(q.dtype)
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    q, k, v = _to(q, acc), _to(k, acc), _to(v, acc)
     if head_scale is not None:
         q = q * head_scale.to(acc).view(1, -1, 1, 1)
     return q, k, v
@@ -93,9 +98,9 @@ def _forward_cpu_flash(q, k, v, window_ids, bias, mask, scale, head_scale):
     additive mask; the per-head scale folded into q."""
     dtype = q.dtype
     q, k, v = _flash_inputs(q, k, v, head_scale)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
         q, k, v, 0.0, False, attn_mask=_additive_mask(window_ids, bias, mask, q.dtype), scale=scale)
-    return _heads_inner(out.to(dtype)), _heads_inner(lse)
+    return _heads_inner(_to(out, dtype)), _heads_inner(lse)
 
 
 def _backward_cpu_flash(dout, q, k, v, out, lse, window_ids, bias, mask, scale, head_scale):
@@ -106,14 +111,14 @@ def _backward_cpu_flash(dout, q, k, v, out, lse, window_ids, bias, mask, scale, 
     q_in = q
     q, k, v = _flash_inputs(q, k, v, head_scale)
     acc = q.dtype
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.to(acc), q, k, v, out.to(acc), lse, 0.0, False,
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+        _to(dout, acc), q, k, v, _to(out, acc), lse, 0.0, False,
         attn_mask=_additive_mask(window_ids, bias, mask, acc), scale=scale)
     dhead_scale = q.new_empty(0, dtype=torch.float32)
     if head_scale is not None:
         dhead_scale = (dq * q_in.to(acc)).sum((0, 2, 3)).to(head_scale.dtype)
         dq = dq * head_scale.to(acc).view(1, -1, 1, 1)
-    return (*(_heads_inner(g.to(dtype)) for g in (dq, dk, dv)), q.new_empty(0), dhead_scale)
+    return (*(_heads_inner(_to(g, dtype)) for g in (dq, dk, dv)), q.new_empty(0), dhead_scale)
 
 
 def _backward_torch(dout, q, k, v, out, lse, window_ids, bias, mask, scale, bias_grad, head_scale=None):
