@@ -180,13 +180,14 @@ def test_kernels_match_the_torch_path_in_models(path):
         torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["avg", "siglip-reg"])
-def test_token_grids_keep_timms_contract(name):
+@pytest.mark.parametrize("name,mode", [("avg", MODES["r0.5"]), ("siglip-reg", MODES["m0.6"])],
+                         ids=["avg-r0.5", "siglip-reg-m0.6"])
+def test_token_grids_keep_timms_contract(name, mode):
     """forward_features and forward_intermediates return timm's shapes; blocks before the first
     prune layer give timm's intermediates; forward_head(forward_features(x)) is forward(x)
     (the pool reads the kept tokens only)."""
     net = make(name)
-    ours = patch.vit(copy.deepcopy(net), mass=0.6, prune_layers=LAYERS)
+    ours = patch.vit(copy.deepcopy(net), prune_layers=LAYERS, **mode)
     x = images(SIZES[1], 3)
     features = ours.forward_features(x)
     assert features.shape == net.forward_features(x).shape
