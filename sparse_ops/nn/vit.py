@@ -213,7 +213,7 @@ class SparseVisionTransformer(VisionTransformer):
 
     - forward(x): logits, pooled from the packed kept tokens ('token': the class token row;
       'avg': the mean of the kept tokens; 'map': timm's attention pool, whose latent query
-      attends to the kept tokens only, masked in forward_features' grid).
+      attends to the kept tokens only).
     - forward_features(x): the [B, N, C] token grid after the final norm; a token pruned
       before block i holds its output of block i - 1. The tensor carries ``kept_tokens``
       (bool [B, N]: the tokens the last block ran on), so that forward_head pools 'avg' and
@@ -301,9 +301,12 @@ class SparseVisionTransformer(VisionTransformer):
                 P = self.num_prefix_tokens
                 rows = x.cu_seqlens[:-1].long().unsqueeze(1) + torch.arange(P, device=x.x.device)
                 return super().forward_head(x.x[rows.reshape(-1)].view(x.batch_size, P, -1), pre_logits=pre_logits)
+            if self._pools_packed_latent():
+                return self._head(self._attention_pool_packed(x), pre_logits)
             if self.global_pool != "avg":
-                raise ValueError(f"forward_head pools Tokens with global_pool 'token' or 'avg', not "
-                                 f"{self.global_pool!r}; use forward_features' token grid")
+                raise ValueError(f"forward_head pools Tokens with global_pool 'token', 'avg' or 'map' (without "
+                                 f"the attention pool's pos_embed), not {self.global_pool!r}; use "
+                                 f"forward_features' token grid")
             return self._head(self._pool_packed(x), pre_logits)
         kept = getattr(x, "kept_tokens", None)
         skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
@@ -320,7 +323,7 @@ class SparseVisionTransformer(VisionTransformer):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
         if not self._prunes(x, attn_mask, is_causal):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if self.global_pool in ("token", "avg"):
+        if self.global_pool in ("token", "avg") or self._pools_packed_latent():
             return self.forward_head(self.forward_tokens(x))
         return self.forward_head(self.forward_features(x))
 
@@ -366,6 +369,23 @@ class SparseVisionTransformer(VisionTransformer):
     def _head(self, pooled: Tensor, pre_logits: bool) -> Tensor:
         x = self.head_drop(self.fc_norm(pooled))
         return x if pre_logits else self.head(x)
+
+    def _pools_packed_latent(self) -> bool:
+        """'map' pooling that needs no grid positions (no pos_embed of its own, as in SigLIP)."""
+        return self.global_pool == "map" and self.attn_pool is not None and self.attn_pool.pos_embed is None
+
+    def _attention_pool_packed(self, t: Tokens) -> Tensor:
+        """timm's attention pool over each image's packed rows: the rows padded to
+        [B, max_seqlen, C], the latent query masked off the padding (and off the prefix rows
+        unless pool_include_prefix)."""
+        skip = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        sample = t.sample_of_row()
+        pos = torch.arange(t.x.shape[0], device=t.x.device) - t.cu_seqlens.long()[sample]
+        grid = t.x.new_zeros(t.batch_size, t.max_seqlen, t.x.shape[1]).index_put((sample, pos), t.x)
+        counted = torch.zeros(t.batch_size, t.max_seqlen, dtype=torch.bool, device=t.x.device).index_put(
+            (sample, pos), pos >= skip)
+        masked = torch.zeros(counted.shape, dtype=t.x.dtype, device=t.x.device).masked_fill(~counted, float("-inf"))
+        return self.attn_pool(grid, attn_mask=masked[:, None, None, :])
 
     def _pool_packed(self, t: Tokens) -> Tensor:
         """timm's 'avg' pooling over each image's packed rows."""
