@@ -33,10 +33,16 @@ def poison_allocator(nbytes: int, device) -> None:
 
 def assert_close_to_reference(out, ref_low, ref_high, atol=1e-6):
     """Flash-attention's rule: out may be off the high-precision reference by at most twice
-    what the reference itself is off when run in the low dtype."""
-    err = (out.double() - ref_high.double()).abs().max().item() if out.numel() else 0.0
-    ref_err = (ref_low.double() - ref_high.double()).abs().max().item() if out.numel() else 0.0
-    assert err <= 2 * ref_err + atol, f"error {err} > 2 * reference error {ref_err} + {atol}"
+    what the reference itself is off when run in the low dtype, plus atol relative to the
+    reference's largest magnitude (where that exceeds 1): a blocked kernel rounds in another
+    order than the plain reference (in float32 the two can differ by a few ulps of that
+    magnitude, as gradients of a few units did in 1 of 4 draws)."""
+    if not out.numel():
+        return
+    err = (out.double() - ref_high.double()).abs().max().item()
+    ref_err = (ref_low.double() - ref_high.double()).abs().max().item()
+    tol = 2 * ref_err + atol * max(1.0, ref_high.double().abs().max().item())
+    assert err <= tol, f"error {err} > 2 * reference error {ref_err} + {atol} x max(1, |reference|)"
 
 
 @pytest.fixture(params=["triton", "torch"])
