@@ -229,8 +229,8 @@ def swin_kept_windows(net, ratios: Sequence[float]) -> List[int]:
 def sparsevit_stages(net, images: torch.Tensor, kept_windows: Sequence[int], attention=timm_window_attention):
     """The outputs [B, H, W, C] of a timm SwinTransformer's stages, keeping kept_windows[i]
     windows in block i as SparseViT's code does: a stage ranks its windows once per window
-    grid (unshifted, shifted), on the input of its first pruning block, and its blocks keep
-    prefixes of that ranking; blocks that keep all their windows run unchanged."""
+    grid (unshifted, shifted), on the stage's input (after its downsample), and its blocks
+    keep prefixes of that ranking; blocks that keep all their windows run unchanged."""
     x = net.patch_embed(images)
     kept = iter(kept_windows)
     for stage in net.layers:
@@ -240,12 +240,11 @@ def sparsevit_stages(net, images: torch.Tensor, kept_windows: Sequence[int], att
         for block, k in zip(stage.blocks, counts):
             if k < swin_windows(block)[0]:
                 most[block.shift_size] = max(most.get(block.shift_size, 0), k)
-        source, orders = None, {}
+        source, orders = x, {}  # the activations SparseViT scores
         for block, k in zip(stage.blocks, counts):
             if k == swin_windows(block)[0]:
                 x = block(x)
                 continue
-            source = x if source is None else source  # the activations SparseViT scores
             if block.shift_size not in orders:
                 orders[block.shift_size] = sparsevit_ranking(block, source, most[block.shift_size])
             x = sparsevit_block(block, x, k, orders[block.shift_size], attention)

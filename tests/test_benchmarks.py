@@ -141,16 +141,19 @@ def test_naive_swin_backbone_is_timms_at_zero_sparsity_and_prunes_like_ours():
     images = torch.randn(2, 3, 72, 72)
     blocks = sum(len(stage.blocks) for stage in net.layers)
     with torch.no_grad():
+        for stage in net.layers:  # a first block that changes which windows rank highest
+            stage.blocks[0].mlp.fc2.weight.normal_()
         dense = net.forward_intermediates(images, intermediates_only=True)
         all_kept = baselines.swin_kept_windows(net, [0.0] * blocks)
         for got, want in zip(baselines.sparsevit_features(net, images, all_kept), dense, strict=True):
             torch.testing.assert_close(got, want)
-        ours = baselines.patched("swin", net, ratios=0.5)
-        kept = baselines.swin_kept_windows(net, [0.5] * blocks)
-        pruned = baselines.sparsevit_features(net, images, kept)
-        for got, want in zip(pruned, ours.forward_intermediates(images, intermediates_only=True), strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(pruned[0], dense[0])  # it does prune
+        # every block pruned; and each stage's first block dense (ranked on the stage's input all the same)
+        for ratios in ([0.5] * blocks, [0.0 if b == 0 else 0.5 for stage in net.layers for b in range(len(stage.blocks))]):
+            ours = baselines.patched("swin", net, ratios=ratios)
+            pruned = baselines.sparsevit_features(net, images, baselines.swin_kept_windows(net, ratios))
+            for got, want in zip(pruned, ours.forward_intermediates(images, intermediates_only=True), strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(pruned[0], dense[0])  # it does prune
 
 
 def test_a_peer_is_checked_against_ours_before_it_is_timed():
