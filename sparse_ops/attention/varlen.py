@@ -8,7 +8,9 @@ Dispatch, inside the custom ops (so torch.compile sees one opaque op either way)
 - other CPU tensors, float64 on any device (the kernels accumulate in float32), and CUDA
   tensors where triton is not installed (with a warning): plain PyTorch in float32, one
   call per run of consecutive sequences of equal length (on the CPU torch's flash kernel).
-Both paths save the same logsumexp (natural log, [H, T]) for their backward.
+Both paths save the same logsumexp (natural log, [H, T]) for their backward. In eager CPU
+inference (fused.calls_directly) forward / forward_received skip the custom ops and call what
+they would run.
 """
 from typing import Optional
 
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks as check
+from ..fused import calls_directly
 from ._dispatch import implementation
 
 
@@ -198,6 +201,25 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _forward_received_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
+            return_cls_attn: bool):
+    """Unchecked forward -> (out, logsumexp, cls_attn) as _forward_op: the op, or where
+    calls_directly its implementation."""
+    if calls_directly(q, k, v):
+        run = implementation("varlen_attention", q, "forward", _forward_torch)
+        return run(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
+    return _forward_op(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
+
+
+def forward_received(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
+    """Unchecked forward -> (out, logsumexp, received) as _forward_received_op: the op, or where
+    calls_directly its implementation."""
+    if calls_directly(q, k, v):
+        run = implementation("varlen_attention", q, "forward_received", _forward_received_torch)
+        return run(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _forward_received_op(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
 # ------------------------------------------------------------------------ public op
 def _check_cu_seqlens(cu_seqlens: Tensor, num_tokens: int, max_seqlen: int) -> None:
     if cu_seqlens.numel() == 0:
@@ -234,5 +256,5 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     scale = check.scale(scale, q.shape[2])
     if not isinstance(return_cls_attn, bool):
         raise TypeError(f"return_cls_attn must be a bool, got {type(return_cls_attn).__name__}")
-    out, _, cls_attn = _forward_op(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
+    out, _, cls_attn = forward(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
     return (out, cls_attn) if return_cls_attn else out
