@@ -15,16 +15,14 @@ from dataclasses import replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaBlock
 from torch import Tensor
 
-from ..attention import varlen as _varlen
 from ..fused import _ln_linear_op
 from ._common import drop_path, gather
-from .vit import SparseBlock, SparseVisionTransformer, Tokens, _class_row_attention, _received_attention
+from .vit import SparseBlock, SparseVisionTransformer, Tokens, packed_attention
 
 
 def rope_rows(rope: Tensor, positions: Tensor, num_prefix_tokens: int) -> Tensor:
@@ -100,17 +98,7 @@ class SparseEvaBlock(EvaBlock):
             r = rope_rows(rope, t.positions(), attn.num_prefix_tokens).unsqueeze(1)  # [T, 1, E]
             q = apply_rot_embed_cat(q, r, half=attn.rotate_half).type_as(v)
             k = apply_rot_embed_cat(k, r, half=attn.rotate_half).type_as(v)
-        cls_attn = None
-        if self.emit_cls_attn and self.received_attention:
-            o, cls_attn = _received_attention(q, k, v, t, attn.scale)
-        elif t.seq_len is None:
-            o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, attn.scale, self.emit_cls_attn)
-        else:  # equal lengths: a dense batch for SDPA, and the class row's attention beside it
-            B, L = t.batch_size, t.seq_len
-            q, k, v = (z.reshape(B, L, attn.num_heads, -1).transpose(1, 2) for z in (q, k, v))
-            o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
-            if self.emit_cls_attn:
-                cls_attn = _class_row_attention(q, k, attn.scale)
+        o, cls_attn = packed_attention(q, k, v, t, attn.scale, self.emit_cls_attn, self.received_attention)
         o = attn.proj_drop(attn.proj(attn.norm(o.reshape(T, -1))))
         if self.gamma_1 is not None:
             o = self.gamma_1 * o
@@ -122,8 +110,7 @@ class SparseEvaBlock(EvaBlock):
         if self.gamma_2 is not None:
             h = self.gamma_2 * h
         x = x + drop_path(self.drop_path2, h, sample, t.batch_size)
-        return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len,
-                      cls_attn if self.emit_cls_attn else None, t.index)
+        return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len, cls_attn, t.index)
 
 
 class SparseEva(Eva):

@@ -96,6 +96,23 @@ def _received_attention(q: Tensor, k: Tensor, v: Tensor, t: "Tokens", scale: flo
     return out, received
 
 
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, t: "Tokens", scale: float, scores: bool,
+                     received: bool):
+    """Attention over the packed rows of t, q, k, v [T, H, D] -> (out [T, H, D], the token
+    scores [T] where scores, else None): the attention received (see _received_attention)
+    where received, else the class row's attention. Equal lengths run as one dense batch
+    for SDPA (the class row's attention beside it), unequal ones as varlen attention."""
+    if scores and received:
+        return _received_attention(q, k, v, t, scale)
+    if t.seq_len is None:
+        o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, scale, scores)
+        return o, cls_attn if scores else None
+    B, L, H = t.batch_size, t.seq_len, q.shape[1]
+    q, k, v = (z.reshape(B, L, H, -1).transpose(1, 2) for z in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+    return o, _class_row_attention(q, k, scale) if scores else None
+
+
 class SparseBlock(Block):
     """timm's ViT Block (same parameters), which on Tokens prunes at its entry when it is a
     prune layer and returns the token scores (Tokens.cls_attn) when the next block prunes.
@@ -185,17 +202,7 @@ class SparseBlock(Block):
         qkv = norm_linear(t.x, rows, self.norm1, attn.qkv).view(T, 3, attn.num_heads, attn.head_dim)
         q, k, v = qkv.unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        cls_attn = None
-        if self.emit_cls_attn and self.received_attention:
-            o, cls_attn = _received_attention(q, k, v, t, attn.scale)
-        elif t.seq_len is None:
-            o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, attn.scale, self.emit_cls_attn)
-        else:  # equal lengths: a dense batch for SDPA, and the class row's attention beside it
-            B, L = t.batch_size, t.seq_len
-            q, k, v = (z.view(B, L, attn.num_heads, -1).transpose(1, 2) for z in (q, k, v))
-            o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2)
-            if self.emit_cls_attn:
-                cls_attn = _class_row_attention(q, k, attn.scale)
+        o, cls_attn = packed_attention(q, k, v, t, attn.scale, self.emit_cls_attn, self.received_attention)
         o = attn.proj_drop(attn.proj(attn.norm(o.reshape(T, -1))))
         x = gather(t.x, rows)
         # t.x still holds the rows before the gather: count images over the gathered ones
@@ -203,8 +210,7 @@ class SparseBlock(Block):
         x = x + drop_path(self.drop_path1, self.ls1(o), sample, t.batch_size)
         h = mlp.norm(mlp.drop1(mlp.act(norm_linear(x, None, self.norm2, mlp.fc1))))
         x = x + drop_path(self.drop_path2, self.ls2(mlp.drop2(mlp.fc2(h))), sample, t.batch_size)
-        return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len,
-                      cls_attn if self.emit_cls_attn else None, t.index)
+        return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len, cls_attn, t.index)
 
 
 class SparseVisionTransformer(VisionTransformer):
