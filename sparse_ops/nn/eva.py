@@ -20,7 +20,7 @@ from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaBlock
 from torch import Tensor
 
-from ..fused import _ln_linear_op
+from ..fused import layernorm_linear
 from ._common import drop_path, gather
 from .vit import SparseBlock, SparseVisionTransformer, Tokens, packed_attention
 
@@ -91,7 +91,7 @@ class SparseEvaBlock(EvaBlock):
         attn = self.attn
         T = t.x.shape[0] if rows is None else rows.shape[0]
         src = t.x if t.x.stride(1) == 1 else t.x.contiguous()
-        qkv = _ln_linear_op(src, rows, self.norm1.weight, self.norm1.bias, self.norm1.eps, *qkv_projection(attn))[0]
+        qkv = layernorm_linear(src, rows, self.norm1.weight, self.norm1.bias, self.norm1.eps, *qkv_projection(attn))
         q, k, v = qkv.view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:

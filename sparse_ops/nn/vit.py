@@ -92,7 +92,7 @@ def _received_attention(q: Tensor, k: Tensor, v: Tensor, t: "Tokens", scale: flo
     a model without a class token, a side output of the attention (varlen_attention's
     kernels with a second pass over q and k from the logsumexp on CUDA; on the CPU the
     probabilities explicitly, the output and the column means from the same ones)."""
-    out, _, received = _varlen._forward_received_op(q, k, v, t.cu_seqlens, t.max_seqlen, scale)
+    out, _, received = _varlen.forward_received(q, k, v, t.cu_seqlens, t.max_seqlen, scale)
     return out, received
 
 
@@ -105,7 +105,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, t: "Tokens", scale: float,
     if scores and received:
         return _received_attention(q, k, v, t, scale)
     if t.seq_len is None:
-        o, _, cls_attn = _varlen._forward_op(q, k, v, t.cu_seqlens, t.max_seqlen, scale, scores)
+        o, _, cls_attn = _varlen.forward(q, k, v, t.cu_seqlens, t.max_seqlen, scale, scores)
         return o, cls_attn if scores else None
     B, L, H = t.batch_size, t.seq_len, q.shape[1]
     q, k, v = (z.reshape(B, L, H, -1).transpose(1, 2) for z in (q, k, v))
@@ -249,6 +249,7 @@ class SparseVisionTransformer(VisionTransformer):
         B, N, C = x.shape
         tokens, grid, grids = Tokens.from_dense(x), x, {}
         paused = []  # (rows, their grid positions or -1) of tokens dropped since `grid`
+        last_grid = max(take, default=-1)
         blocks = self.blocks if last is None else self.blocks[:last + 1]
         for i, blk in enumerate(blocks):
             before = tokens
@@ -256,7 +257,7 @@ class SparseVisionTransformer(VisionTransformer):
                 tokens = checkpoint(blk, tokens, use_reentrant=False, **block_kwargs)
             else:
                 tokens = blk(tokens, **block_kwargs)
-            if blk.prunes:
+            if blk.prunes and i <= last_grid:  # what a later grid restores (forward takes none)
                 alive = torch.zeros(B * N + 1, dtype=torch.bool, device=x.device).index_fill_(0, tokens.index + 1, True)
                 position = before.positions()  # -1 (package rows) stays -1: never written
                 paused.append((before.x, torch.where(alive[position + 1], -1, position)))
