@@ -33,7 +33,7 @@ from ._common import drop_path, gather, norm_linear
 class Tokens:
     """A batch of token sequences packed as rows: image b is rows cu_seqlens[b]:cu_seqlens[b+1]
     of x [T, C]. seq_len is the common length when every image has it (known without a host
-    sync: no pruning, or a fixed keep rate), else None. cls_attn [T] float32: per token, its
+    sync: no pruning, a fixed keep rate, or a single image), else None. cls_attn [T] float32: per token, its
     score for the next pruning, from the last block: the class token's attention to it (mean
     over heads), or in a model without a class token the attention it received (mean over
     its image's queries and the heads; see _received_attention).
@@ -161,7 +161,9 @@ class SparseBlock(Block):
                 (sample, pos), torch.ones_like(pos, dtype=torch.bool))
             idx = TokenIndex.from_mask(self._select_index(grid).keep_mask() & valid)
             rows = t.cu_seqlens.long()[idx.index // t.max_seqlen] + idx.index % t.max_seqlen
-        seq_len = idx.max_seqlen if self.mass is None and t.seq_len is not None else None
+        # a common length (a fixed rate on equal lengths, or a single image): the later blocks
+        # run dense (timm's block, SDPA) instead of varlen attention
+        seq_len = idx.max_seqlen if (self.mass is None and t.seq_len is not None) or B == 1 else None
         kept = Tokens(t.x, idx.cu_seqlens, idx.max_seqlen, B, seq_len, index=t.positions()[rows])
         if self.package:
             return self._add_package_token(t, kept, rows)
