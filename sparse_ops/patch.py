@@ -74,25 +74,7 @@ def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] 
     for i, blk in enumerate(model.blocks):
         _check_vit_block(blk, f"model.blocks[{i}]")
     _check_vit_pool(model)
-    depth = len(model.blocks)
-    layers = default_prune_layers(depth) if prune_layers is None else check.integers(prune_layers, "prune_layers")
-    if any(not 1 <= i < depth for i in layers) or len(set(layers)) != len(layers):
-        raise ValueError(f"prune_layers must be distinct block indices in [1, {depth}) (a block prunes on the "
-                         f"previous block's attention), got {list(layers)}")
-    if not isinstance(package, bool):
-        raise TypeError(f"package must be a bool, got {type(package).__name__}")
-    if package and model.global_pool != "token":
-        raise ValueError(f"package=True needs global_pool 'token' (a package token has no place in the token "
-                         f"grid that 'avg' pooling reads), got {model.global_pool!r}")
-    with _restored_on_failure([model, *model.blocks]):
-        model.__class__ = sparse_class
-        for blk in model.blocks:
-            blk.__class__ = SparseBlock
-            blk.num_prefix_tokens = model.num_prefix_tokens
-            blk.received_attention = model.cls_token is None
-            blk.package = package
-        model.prune_layers = tuple(sorted(layers))
-        set_sparsity(model, keep_rate=keep_rate, mass=mass)
+    _install_token_pruning(model, sparse_class, SparseBlock, keep_rate, mass, prune_layers, package)
     return wrapper
 
 
@@ -186,30 +168,34 @@ def eva(model: Eva, keep_rate: float = 1.0, mass: Optional[float] = None,
         _check_eva_block(blk, f"model.blocks[{i}]", model.num_prefix_tokens)
     if model.attn_pool is not None or model.global_pool not in ("token", "avg", ""):
         raise ValueError(f"patch.eva supports global_pool 'token', 'avg' or '', got {model.global_pool!r}")
-    layers = _prune_layer_indices(prune_layers, len(model.blocks))
+    _install_token_pruning(model, SparseEva, SparseEvaBlock, keep_rate, mass, prune_layers, package)
+    return wrapper
+
+
+def _install_token_pruning(model: nn.Module, model_class: type, block_class: type, keep_rate: float,
+                           mass: Optional[float], prune_layers: Optional[Sequence[int]], package: bool) -> None:
+    """What patch.vit and patch.eva share after their own model checks: the checks of
+    prune_layers and package, then the class swaps and the blocks' settings (the model as it
+    was on any error)."""
+    depth = len(model.blocks)
+    layers = default_prune_layers(depth) if prune_layers is None else check.integers(prune_layers, "prune_layers")
+    if any(not 1 <= i < depth for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"prune_layers must be distinct block indices in [1, {depth}) (a block prunes on the "
+                         f"previous block's attention), got {list(layers)}")
     if not isinstance(package, bool):
         raise TypeError(f"package must be a bool, got {type(package).__name__}")
     if package and model.global_pool != "token":
         raise ValueError(f"package=True needs global_pool 'token' (a package token has no place in the token "
                          f"grid that 'avg' pooling reads), got {model.global_pool!r}")
     with _restored_on_failure([model, *model.blocks]):
-        model.__class__ = SparseEva
+        model.__class__ = model_class
         for blk in model.blocks:
-            blk.__class__ = SparseEvaBlock
+            blk.__class__ = block_class
             blk.num_prefix_tokens = model.num_prefix_tokens
             blk.received_attention = model.cls_token is None
             blk.package = package
-        model.prune_layers = layers
+        model.prune_layers = tuple(sorted(layers))
         set_sparsity(model, keep_rate=keep_rate, mass=mass)
-    return wrapper
-
-
-def _prune_layer_indices(prune_layers: Optional[Sequence[int]], depth: int) -> tuple:
-    layers = default_prune_layers(depth) if prune_layers is None else check.integers(prune_layers, "prune_layers")
-    if any(not 1 <= i < depth for i in layers) or len(set(layers)) != len(layers):
-        raise ValueError(f"prune_layers must be distinct block indices in [1, {depth}) (a block prunes on the "
-                         f"previous block's class attention), got {list(layers)}")
-    return tuple(sorted(layers))
 
 
 def _check_eva_block(blk: nn.Module, name: str, num_prefix_tokens: int) -> None:
