@@ -161,14 +161,14 @@ def select_windows(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ attention
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, return_cls_attn=False):
-    """One sequence at a time: softmax(q k^T * scale) v over the rows cu_seqlens[b]:cu_seqlens[b+1],
-    computed in the inputs' dtype. cls_attn[t] (float32, float64 for float64 inputs) is the first
-    row of t's sequence's attention matrix, at t's key position, averaged over heads."""
+def _per_sequence_attention(q, k, v, cu_seqlens, scale, score):
+    """One sequence at a time, in the inputs' dtype: out = softmax(q k^T * scale) v over the
+    rows cu_seqlens[b]:cu_seqlens[b+1], and a per-token score [T] (float32, float64 for
+    float64 inputs): score(p) of each sequence's probabilities p [H, queries, keys]."""
     T, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
     out = torch.empty_like(q)
-    cls_attn = q.new_zeros(T, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    scores = q.new_zeros(T, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
@@ -176,7 +176,15 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, return_cls_att
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
         p = torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1)
         out[start:end] = (p @ vs).transpose(0, 1)
-        cls_attn[start:end] = p[:, 0].mean(0).to(cls_attn.dtype)
+        scores[start:end] = score(p).to(scores.dtype)
+    return out, scores
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, return_cls_attn=False):
+    """One sequence at a time: softmax(q k^T * scale) v over the rows cu_seqlens[b]:cu_seqlens[b+1],
+    computed in the inputs' dtype. cls_attn[t] (float32, float64 for float64 inputs) is the first
+    row of t's sequence's attention matrix, at t's key position, averaged over heads."""
+    out, cls_attn = _per_sequence_attention(q, k, v, cu_seqlens, scale, lambda p: p[:, 0].mean(0))
     return (out, cls_attn) if return_cls_attn else out
 
 
@@ -185,19 +193,7 @@ def received_attention(q, k, v, cu_seqlens, scale=None):
     cu_seqlens[b]:cu_seqlens[b+1], and received[t] (float32, float64 for float64 inputs): the
     mean over the sequence's queries and the heads of the attention they give to token t (the
     column of its key in the softmax), the token score of a ViT without a class token."""
-    T, H, D = q.shape
-    scale = D**-0.5 if scale is None else scale
-    out = torch.empty_like(q)
-    received = q.new_zeros(T, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
-        p = torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1)  # [H, queries, keys]
-        out[start:end] = (p @ vs).transpose(0, 1)
-        received[start:end] = p.mean(1).mean(0).to(received.dtype)
-    return out, received
+    return _per_sequence_attention(q, k, v, cu_seqlens, scale, lambda p: p.mean(1).mean(0))
 
 
 def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None):
