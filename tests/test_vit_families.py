@@ -57,11 +57,16 @@ def test_families_have_what_they_claim():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_zero_sparsity_is_timm(name):
-    net = make(name)
-    ours = patch.vit(copy.deepcopy(net), keep_rate=0.5)
+    assert_zero_sparsity_is_timm(make(name), FAMILIES[name][2])
+
+
+def assert_zero_sparsity_is_timm(net, sizes, **patch_args):
+    """patch.vit (keep rate 0.5) on a copy of net keeps its state_dict keys, and set back to
+    keep rate 1 its forward and forward_features are timm's at every image size."""
+    ours = patch.vit(copy.deepcopy(net), keep_rate=0.5, **patch_args)
     assert list(ours.state_dict()) == list(net.state_dict())
     set_sparsity(ours, keep_rate=1.0)
-    for size in FAMILIES[name][2]:
+    for size in sizes:
         x = images(size)
         assert (ours(x) - net(x)).abs().max() < 1e-5
         assert (ours.forward_features(x) - net.forward_features(x)).abs().max() < 1e-5

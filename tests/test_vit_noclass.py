@@ -15,7 +15,7 @@ from sparse_ops import patch, reference, select_tokens, set_sparsity
 from sparse_ops.nn import Tokens
 from sparse_ops.nn.vit import _received_attention
 from test_patch import reference_vit
-from test_vit_families import images, weights_that_matter
+from test_vit_families import assert_zero_sparsity_is_timm, images, weights_that_matter
 
 TINY = dict(patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5, dynamic_img_size=True)
 MODELS = {  # name: (timm model, config); every one at the image sizes SIZES
@@ -133,14 +133,7 @@ def test_block_before_a_prune_layer_emits_received_attention(name):
 # ---------------------------------------------------------------------- whole models
 @pytest.mark.parametrize("name", MODELS)
 def test_zero_sparsity_is_timm(name):
-    net = make(name)
-    ours = patch.vit(copy.deepcopy(net), keep_rate=0.5, prune_layers=LAYERS)
-    assert list(ours.state_dict()) == list(net.state_dict())
-    set_sparsity(ours, keep_rate=1.0)
-    for size in SIZES:
-        x = images(size)
-        assert (ours(x) - net(x)).abs().max() < 1e-5
-        assert (ours.forward_features(x) - net.forward_features(x)).abs().max() < 1e-5
+    assert_zero_sparsity_is_timm(make(name), SIZES, prune_layers=LAYERS)
 
 
 @pytest.mark.parametrize("mode", MODES.values(), ids=list(MODES))
