@@ -149,6 +149,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one epoch on 128 images, few timings: a smoke run")
     parser.add_argument("--budget", type=float, default=0.7, help="search latency budget, a fraction of dense")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
+    parser.add_argument("--speed-batch", type=int, default=256,
+                        help="images per timed batch (at most the test split); the tests take a small one")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -156,7 +158,7 @@ def main():
     epochs, repeats = (1, 2) if args.quick else (args.epochs, 10)
     if args.quick:
         train_set, val, test = [(x[:128], y[:128]) for x, y in (train_set, val, test)]
-    speed_batch = test[0][:256]
+    speed_batch = test[0][:args.speed_batch]
 
     lines = [f"Dense-only vs dense/sparse training ({epochs} epochs, {len(train_set[1])} training images), "
              f"test accuracy on {len(test[1])} images; speed of the dense/sparse model on a batch of "
@@ -181,7 +183,8 @@ def main():
               f"per-block ratios {found['config']}, measured speed-up {found['speedup']:.2f}x, test accuracy "
               f"{100 * found['test']:.1f} % (one ratio {ratio} for every block: {100 * uniform_acc:.1f} %); "
               f"latency table off by {100 * found['table_error']:.0f} % from the measured time.", "",
-              f"`python examples/digits.py{' --quick' if args.quick else ''}`, "
+              f"`python examples/digits.py{' --quick' if args.quick else ''}"
+              f"{f' --speed-batch {args.speed_batch}' if args.speed_batch != 256 else ''}`, "
               f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}, "
               f"{time.perf_counter() - start:.0f} s in all."]
