@@ -45,6 +45,19 @@ def assert_close_to_reference(out, ref_low, ref_high, atol=1e-6):
     assert err <= tol, f"error {err} > 2 * reference error {ref_err} + {atol} x max(1, |reference|)"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def triton_only_where_asked():
+    """CPU tensors take the plain-PyTorch path unless a test asks for the interpreted kernels
+    (the `path` fixture, or a test of the kernels themselves): at model sizes the interpreter
+    runs hundreds of Python-level programs a call, which made the model tests most of make
+    test's time. The kernels' own tests and the `path`-parametrized model tests keep them covered."""
+    from sparse_ops.attention import _dispatch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_dispatch, "INTERPRET", False)
+        yield
+
+
 @pytest.fixture(params=["triton", "torch"])
 def path(request, monkeypatch):
     """Forces one implementation of the Triton-backed ops: the Triton kernels (which must import;

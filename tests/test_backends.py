@@ -52,8 +52,9 @@ def test_reference_fallback_in_subprocess():
 def test_attention_dispatch(name, monkeypatch):
     from sparse_ops.attention import _dispatch
 
+    monkeypatch.setattr(_dispatch, "INTERPRET", True)  # as TRITON_INTERPRET=1 sets it (conftest turns it off)
     cpu32 = torch.zeros(1)
-    assert _dispatch.use_triton(name, cpu32)  # conftest sets TRITON_INTERPRET=1
+    assert _dispatch.use_triton(name, cpu32)
     assert not _dispatch.use_triton(name, cpu32.double())  # the kernels accumulate in float32
     monkeypatch.setattr(_dispatch, "INTERPRET", False)
     assert not _dispatch.use_triton(name, cpu32)
