@@ -11,7 +11,7 @@ epilogue of the block's first and last Linear), so that pruned rows cost no memo
 Dispatch, inside the custom ops (torch.compile sees one opaque op): the Triton kernels of
 sparse_ops.kernels.fused_linear on CUDA tensors and under TRITON_INTERPRET=1; plain PyTorch
 (float32 statistics, stock matmuls) for other CPU tensors and for float64. In eager CPU
-inference (see calls_directly) the callers skip the custom op and call what it would run.
+inference (see _dispatch.calls_directly) the callers skip the custom op and call what it would run.
 """
 from typing import Optional, Sequence
 
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _checks as check
 from ._backend import kernel
-from .attention._dispatch import implementation
+from .attention._dispatch import implementation, op_or_direct
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,35 +32,22 @@ def _gather(x: Tensor, rows: Optional[Tensor]) -> Tensor:
     return x if rows is None else kernel("gather_rows", x.device.type)(x, rows)
 
 
-def calls_directly(*tensors: Optional[Tensor]) -> bool:
-    """Whether a caller may run a custom op's implementation itself instead of through the op:
-    in eager mode (under torch.compile the op is what the graph records), on the CPU, when
-    autograd has nothing to record (grad mode off, or no input requires grad). The op adds only
-    its dispatch, which on the CPU cost 0.25 ms per fused Linear inside a DeiT-S block at batch
-    1 (4 % of the block; 2026-12-03). tensors: the op's inputs, the first one on its device."""
-    if torch.compiler.is_compiling() or tensors[0].device.type != "cpu":
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
-
-
 def layernorm_linear(x: Tensor, rows: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                      eps: float, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Unchecked ``LN(x[rows]) @ weight.T + bias`` (see gather_layernorm_linear): the custom op,
-    or where calls_directly its implementation."""
-    if calls_directly(x, ln_weight, ln_bias, weight, bias):
-        forward = implementation("fused_linear", x, "ln_linear_forward", _ln_linear_forward_torch)
-        return forward(x, rows, ln_weight, ln_bias, eps, weight, bias)[0]
-    return _ln_linear_op(x, rows, ln_weight, ln_bias, eps, weight, bias)[0]
+    or where _dispatch.calls_directly its implementation."""
+    run = op_or_direct(_ln_linear_op, "fused_linear", "ln_linear_forward", _ln_linear_forward_torch,
+                       x, ln_weight, ln_bias, weight, bias)
+    return run(x, rows, ln_weight, ln_bias, eps, weight, bias)[0]
 
 
 def linear_scatter_(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], out: Tensor,
                     rows: Optional[Tensor]) -> None:
     """Unchecked in-place ``out[rows] = residual + h @ weight.T + bias`` (autograd off for these
-    tensors): the custom op, or where calls_directly its implementation."""
-    if calls_directly(h, weight, bias, residual, out):
-        implementation("fused_linear", h, "linear_scatter_", _linear_scatter_torch)(h, weight, bias, residual, out, rows)
-    else:
-        _linear_scatter_inplace_op(h, weight, bias, residual, out, rows)
+    tensors): the custom op, or where _dispatch.calls_directly its implementation."""
+    run = op_or_direct(_linear_scatter_inplace_op, "fused_linear", "linear_scatter_", _linear_scatter_torch,
+                       h, weight, bias, residual, out)
+    run(h, weight, bias, residual, out, rows)
 
 
 # ------------------------------------------------------------------------ PyTorch path

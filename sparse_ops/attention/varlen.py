@@ -9,7 +9,7 @@ Dispatch, inside the custom ops (so torch.compile sees one opaque op either way)
   tensors where triton is not installed (with a warning): plain PyTorch in float32, one
   call per run of consecutive sequences of equal length (on the CPU torch's flash kernel).
 Both paths save the same logsumexp (natural log, [H, T]) for their backward. In eager CPU
-inference (fused.calls_directly) forward / forward_received skip the custom ops and call what
+inference (_dispatch.calls_directly) forward / forward_received skip the custom ops and call what
 they would run.
 """
 from typing import Optional
@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks as check
-from ..fused import calls_directly
-from ._dispatch import implementation
+from ._dispatch import implementation, op_or_direct
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -205,19 +204,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
             return_cls_attn: bool):
     """Unchecked forward -> (out, logsumexp, cls_attn) as _forward_op: the op, or where
     calls_directly its implementation."""
-    if calls_directly(q, k, v):
-        run = implementation("varlen_attention", q, "forward", _forward_torch)
-        return run(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
-    return _forward_op(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
+    run = op_or_direct(_forward_op, "varlen_attention", "forward", _forward_torch, q, k, v)
+    return run(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
 
 
 def forward_received(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
     """Unchecked forward -> (out, logsumexp, received) as _forward_received_op: the op, or where
     calls_directly its implementation."""
-    if calls_directly(q, k, v):
-        run = implementation("varlen_attention", q, "forward_received", _forward_received_torch)
-        return run(q, k, v, cu_seqlens, max_seqlen, scale)
-    return _forward_received_op(q, k, v, cu_seqlens, max_seqlen, scale)
+    run = op_or_direct(_forward_received_op, "varlen_attention", "forward_received", _forward_received_torch, q, k, v)
+    return run(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 # ------------------------------------------------------------------------ public op

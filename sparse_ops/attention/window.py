@@ -154,11 +154,14 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Opt
     """-> out [M, H, n, D] and the logsumexp [M, H, n] the CPU flash backward reads (float32;
     float64 for float64 inputs; empty off the CPU's PyTorch path). head_scale: [H]
     multiplying scale (in the logsumexp's dtype), or None."""
+    return _forward_function(q)(q, k, v, window_ids, bias, mask, scale, head_scale)
+
+
+def _forward_function(q: Tensor):
+    """What the forward op runs for q: the Triton kernel or the PyTorch path."""
     if _dispatch.use_triton("window_attention", q):
-        forward = _triton_forward(_dispatch.triton_kernels("window_attention").forward)
-    else:
-        forward = _forward_torch
-    return forward(q, k, v, window_ids, bias, mask, scale, head_scale)
+        return _triton_forward(_dispatch.triton_kernels("window_attention").forward)
+    return _forward_torch
 
 
 def _like_q(q: Tensor, heads_inner: bool, *tail: int, dtype=None) -> Tensor:
@@ -208,9 +211,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, _dlse, backward=_backward_op):
+    """The gradients of the forward op's inputs, from backward (the backward op, or for
+    _EagerTorchAttention the PyTorch path it would run)."""
     q, k, v, out, lse, window_ids, bias, mask, head_scale = ctx.saved_tensors
-    backward = _backward_torch if getattr(ctx, "eager_torch", False) else _backward_op
     dq, dk, dv, dbias, dhead_scale = backward(dout, q, k, v, out, lse, window_ids, bias, mask, ctx.scale,
                                               ctx.bias_grad, head_scale)
     dhead_scale = dhead_scale if head_scale is not None and ctx.needs_input_grad[7] else None
@@ -229,24 +233,25 @@ class _EagerTorchAttention(torch.autograd.Function):
     def forward(q, k, v, window_ids, bias, mask, scale, head_scale):
         return _forward_torch(q, k, v, window_ids, bias, mask, scale, head_scale)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.eager_torch = True
+    setup_context = staticmethod(_setup_context)
 
-    backward = staticmethod(_backward)
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, backward=_backward_torch)
 
 
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                 scale: float, head_scale: Optional[Tensor] = None) -> Tensor:
     """The op's output [M, H, n, D], unchecked (for the sparse blocks, whose inputs are valid
-    by construction). The custom op under torch.compile and on the kernels' path; else (eager,
-    CPU PyTorch path) its functions without the op's dispatch."""
+    by construction). Where _dispatch.calls_directly, what the custom op would run; in eager
+    mode on the CPU's PyTorch path with autograd, its functions without the op's dispatch
+    (_EagerTorchAttention); else the custom op."""
+    args = (q, k, v, window_ids, bias, mask, scale, head_scale)
+    if _dispatch.calls_directly(q, k, v, bias, head_scale):
+        return _forward_function(q)(*args)[0]
     if torch.compiler.is_compiling() or q.device.type != "cpu" or _dispatch.use_triton("window_attention", q):
-        return _attention_op(q, k, v, window_ids, bias, mask, scale, head_scale)[0]
-    if not torch.is_grad_enabled():
-        return _forward_torch(q, k, v, window_ids, bias, mask, scale, head_scale)[0]
-    return _EagerTorchAttention.apply(q, k, v, window_ids, bias, mask, scale, head_scale)[0]
+        return _attention_op(*args)[0]
+    return _EagerTorchAttention.apply(*args)[0]
 
 
 # ------------------------------------------------------------------------ public op
