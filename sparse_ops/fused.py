@@ -11,7 +11,8 @@ epilogue of the block's first and last Linear), so that pruned rows cost no memo
 Dispatch, inside the custom ops (torch.compile sees one opaque op): the Triton kernels of
 sparse_ops.kernels.fused_linear on CUDA tensors and under TRITON_INTERPRET=1; plain PyTorch
 (float32 statistics, stock matmuls) for other CPU tensors and for float64. In eager CPU
-inference (see _dispatch.calls_directly) the callers skip the custom op and call what it would run.
+inference (see _dispatch.calls_directly) the callers skip the custom op and call what it would
+run.
 """
 from typing import Optional, Sequence
 

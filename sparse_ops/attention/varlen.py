@@ -9,8 +9,8 @@ Dispatch, inside the custom ops (so torch.compile sees one opaque op either way)
   tensors where triton is not installed (with a warning): plain PyTorch in float32, one
   call per run of consecutive sequences of equal length (on the CPU torch's flash kernel).
 Both paths save the same logsumexp (natural log, [H, T]) for their backward. In eager CPU
-inference (_dispatch.calls_directly) forward / forward_received skip the custom ops and call what
-they would run.
+inference (_dispatch.calls_directly) forward / forward_received skip the custom ops and call
+what they would run.
 """
 from typing import Optional
 

@@ -249,7 +249,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optio
     args = (q, k, v, window_ids, bias, mask, scale, head_scale)
     if _dispatch.calls_directly(q, k, v, bias, head_scale):
         return _forward_function(q)(*args)[0]
-    if torch.compiler.is_compiling() or q.device.type != "cpu" or _dispatch.use_triton("window_attention", q):
+    if torch.compiler.is_compiling() or not _cpu_flash(q):
         return _attention_op(*args)[0]
     return _EagerTorchAttention.apply(*args)[0]
 
