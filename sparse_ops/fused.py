@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _checks as check
 from ._backend import kernel
-from .attention._dispatch import implementation, op_or_direct
+from .attention._dispatch import calls_directly, implementation, op_or_direct
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -40,6 +40,14 @@ def layernorm_linear(x: Tensor, rows: Optional[Tensor], ln_weight: Optional[Tens
     run = op_or_direct(_ln_linear_op, "fused_linear", "ln_linear_forward", _ln_linear_forward_torch,
                        x, ln_weight, ln_bias, weight, bias)
     return run(x, rows, ln_weight, ln_bias, eps, weight, bias)[0]
+
+
+def linear_scatter(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], base: Tensor,
+                   rows: Optional[Tensor]) -> Tensor:
+    """Unchecked: a copy of base with ``out[rows] = residual + h @ weight.T + bias``: the custom
+    op, or where _dispatch.calls_directly what it runs."""
+    run = _linear_scatter_copy if calls_directly(h, weight, bias, residual, base) else _linear_scatter_op
+    return run(h, weight, bias, residual, base, rows)
 
 
 def linear_scatter_(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], out: Tensor,
@@ -189,6 +197,10 @@ def _linear_scatter_inplace_fake(h, weight, bias, residual, out, rows):
 def _linear_scatter_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], base: Tensor,
                        rows: Optional[Tensor]) -> Tensor:
     """A copy of base with out[rows] = (residual or base[rows]) + h @ weight.T + bias."""
+    return _linear_scatter_copy(h, weight, bias, residual, base, rows)
+
+
+def _linear_scatter_copy(h, weight, bias, residual, base, rows):
     out = base.clone(memory_format=torch.contiguous_format)
     scatter = implementation("fused_linear", h, "linear_scatter_", _linear_scatter_torch)
     scatter(h, weight, bias, residual, out, rows)
@@ -311,7 +323,7 @@ def linear_residual_scatter(h: Tensor, weight: Tensor, bias: Optional[Tensor], b
     if h.stride(1) != 1:
         h = h.contiguous()
     if not inplace:
-        return _linear_scatter_op(h, weight, bias, residual, base, rows)
+        return linear_scatter(h, weight, bias, residual, base, rows)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias, residual, base)):
         raise ValueError("inplace=True needs autograd off for h, weight, bias, residual and base "
                          "(use torch.no_grad() or inplace=False)")

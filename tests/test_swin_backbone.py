@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import sparse_ops
-import sparse_ops.nn._common as common
+import sparse_ops.fused as fused
 from sparse_ops import patch
 from test_patch import per_image_swin_reference
 
@@ -187,8 +187,8 @@ def test_in_place_only_where_no_hook_can_see(monkeypatch):
     writes in place; a hooked block neither writes into its input nor has its output
     overwritten; a global hook or inplace=False turns in-place writes off."""
     calls = []
-    inplace_op = common.linear_scatter_
-    monkeypatch.setattr(common, "linear_scatter_", lambda *a: calls.append(1) or inplace_op(*a))
+    inplace_op = fused.linear_scatter_
+    monkeypatch.setattr(fused, "linear_scatter_", lambda *a: calls.append(1) or inplace_op(*a))
     net = make_swin(torch.float64, window_size=2, img_size=128)  # every block has windows to prune
     x = images((128, 128), dtype=torch.float64)
     ours = patch.swin(copy.deepcopy(net), ratios=0.5)

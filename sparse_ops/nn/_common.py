@@ -7,22 +7,22 @@ import torch
 from torch import Tensor, nn
 
 from .._backend import kernel
-from ..fused import _linear_scatter_op, layernorm_linear, linear_scatter_
+from .. import fused
 
 
 def norm_linear(x: Tensor, rows: Optional[Tensor], norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
     """linear(norm(x[rows])) through the fused GEMM prologue."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    return layernorm_linear(x, rows, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+    return fused.layernorm_linear(x, rows, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
 def linear_scatter(h: Tensor, linear: nn.Linear, base: Tensor, rows: Tensor, residual: Tensor, inplace: bool) -> Tensor:
     """base with base[rows] = residual + linear(h) through the fused GEMM epilogue; inplace
     (the caller owns base and needs no gradient) writes into base."""
     if not inplace:
-        return _linear_scatter_op(h, linear.weight, linear.bias, residual, base, rows)
-    linear_scatter_(h, linear.weight, linear.bias, residual, base, rows)
+        return fused.linear_scatter(h, linear.weight, linear.bias, residual, base, rows)
+    fused.linear_scatter_(h, linear.weight, linear.bias, residual, base, rows)
     return base
 
 

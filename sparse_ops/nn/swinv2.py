@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .._backend import kernel
 from ..attention import window as _window
-from ..fused import _ln_linear_op
+from ..fused import layernorm_linear
 from ._common import drop_path, gather
 from .swin import SparseSwinBlock, SparseSwinStage
 
@@ -74,7 +74,7 @@ class SparseSwinV2Block(SwinTransformerV2Block):
         M, n = B * K, self.window_area
         qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
         # gather + qkv GEMM; a padding row reads zeros, so its q, k, v are the biases, as timm's
-        qkv = _ln_linear_op(x2d, rows, None, None, 0.0, attn.qkv.weight, qkv_bias)[0]
+        qkv = layernorm_linear(x2d, rows, None, None, 0.0, attn.qkv.weight, qkv_bias)
         q, k, v = qkv.view(M, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         stat = torch.float64 if x.dtype == torch.float64 else torch.float32
         o = _window._forward_op(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, windows.view(-1),
