@@ -45,7 +45,7 @@ class Case:
     name: str  # unique, "<suite>/...": what --case matches
     group: str  # the cases of a group share a plot, one curve per method over sparsity
     params: dict
-    build: Callable[[], Setup]
+    build: Callable[[], Setup]  # a functools.partial: bound when listed, not to the loop variables' last values
 
 
 def compiled(methods: Dict[str, Method], cfg: Config, names=("dense", "naive")) -> Dict[str, Method]:

@@ -1,6 +1,8 @@
 """The benchmark harness's own logic: FLOP counts, the naive baselines, the timing record,
 results.json / results.md / plots, and that a failing case is reported while the rest run."""
 import contextlib
+import functools
+import inspect
 import io
 import json
 import sys
@@ -14,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparse_ops
 from benchmarks import baselines, flops
 from benchmarks.__main__ import main
-from benchmarks.core import Case, Setup, Unavailable
+from benchmarks.core import Case, Config, Setup, Unavailable
 from benchmarks.suites import SUITES
 from sparse_ops import reference
 
@@ -283,6 +285,22 @@ def test_a_failing_case_is_reported_and_the_rest_run(tmp_path, monkeypatch):
     assert methods["ours"] == {"status": "unavailable", "reason": "not yet"}
     assert methods["ours+cls"]["error"] == "KeyError: 'failed to build'"
     assert "error: RuntimeError: cannot build" in markdown and "error: ValueError: bad method" in markdown
+
+
+@pytest.mark.parametrize("device, quick", [("cpu", True), ("cpu", False), ("cuda", False)])
+def test_every_case_builds_with_the_parameters_it_reports(device, quick):
+    """A case's build holds its own arguments, bound when it is listed: a lambda over the loop's
+    variables built with their last values (the varlen and DeiT-block cases ran at the Swin
+    cases' batch). Checked on every argument the case reports under the same name."""
+    cfg = Config(device, torch.float32, quick, False)
+    for suite in SUITES.values():
+        for case in suite.cases(cfg):
+            assert isinstance(case.build, functools.partial), case.name
+            bound = inspect.signature(case.build.func).bind(*case.build.args, **case.build.keywords).arguments
+            shared = bound.keys() & case.params.keys()
+            assert shared, case.name
+            for name in shared:
+                assert bound[name] == case.params[name], (case.name, name)
 
 
 def test_help_lists_suites_and_cases(capsys):

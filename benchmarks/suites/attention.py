@@ -172,7 +172,7 @@ def cases(cfg: Config):
         for p in PASSES:
             yield Case(NAME, f"{NAME}/varlen/{model}/b{batch}/{p}", f"varlen {model} {p}",
                        dict(model=model, heads=heads, batch=batch, lengths=lengths, backward=p == "fwd+bwd"),
-                       lambda heads=heads, p=p: _varlen(cfg, heads, batch, lengths, p == "fwd+bwd"))
+                       functools.partial(_varlen, cfg, heads, batch, lengths, p == "fwd+bwd"))
 
     model, img_size, batch = pick(cfg, quick=("swin_test", None, 1), cpu=("swin_tiny", 224, 1),
                                   cuda=("swin_tiny", 672, 4))
@@ -186,4 +186,4 @@ def cases(cfg: Config):
                            f"window {size} b{batch} stage{stage} {p}",
                            dict(model=model, img_size=img_size, batch=batch, stage=stage, sparsity=s,
                                 backward=p == "fwd+bwd"),
-                           lambda stage=stage, s=s, p=p: _window(cfg, model, img_size, stage, batch, s, p == "fwd+bwd"))
+                           functools.partial(_window, cfg, model, img_size, stage, batch, s, p == "fwd+bwd"))

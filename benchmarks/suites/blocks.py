@@ -78,7 +78,7 @@ def cases(cfg: Config):
         for r in keep_rates:
             yield Case(NAME, f"{NAME}/{model}/b{batch}/keep{r}", f"{model} b{batch}",
                        dict(model=model, batch=batch, keep_rate=r),
-                       lambda model=model, r=r: _vit(cfg, model, batch, r))
+                       functools.partial(_vit, cfg, model, batch, r))
 
     model, img_size, batch = pick(cfg, quick=("swin_test", None, 1), cpu=("swin_tiny", 224, 1),
                                   cuda=("swin_tiny", 672, 4))
@@ -89,4 +89,4 @@ def cases(cfg: Config):
         for r in ratios:
             yield Case(NAME, f"{NAME}/{size}/b{batch}/stage{stage}/s{r}", f"{size} b{batch} stage{stage}",
                        dict(model=model, img_size=img_size, batch=batch, stage=stage, sparsity=r),
-                       lambda stage=stage, r=r: _swin(cfg, model, img_size, batch, stage, r))
+                       functools.partial(_swin, cfg, model, img_size, batch, stage, r))

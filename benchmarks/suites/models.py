@@ -157,11 +157,11 @@ def cases(cfg: Config):
             for r in keep_rates:
                 yield Case(NAME, f"{NAME}/{model}/b{batch}/keep{r}", f"{model} b{batch}",
                            dict(model=model, batch=batch, keep_rate=r),
-                           lambda model=model, batch=batch, r=r: _vit(cfg, model, batch, keep_rate=r))
+                           functools.partial(_vit, cfg, model, batch, keep_rate=r))
             for m in masses:
                 yield Case(NAME, f"{NAME}/{model}/b{batch}/mass{m}", f"{model} b{batch} adaptive",
                            dict(model=model, batch=batch, mass=m),
-                           lambda model=model, batch=batch, m=m: _vit(cfg, model, batch, mass=m))
+                           functools.partial(_vit, cfg, model, batch, mass=m))
 
     # EVA-02 (rotary embeddings, SwiGLU) and CLIP's ViT-B/16 (norm_pre) at one fixed keep rate
     families = pick(cfg, quick=(("eva_test", 2),), cpu=(("eva02_tiny", 8), ("vit_base_clip", 1)),
@@ -170,7 +170,7 @@ def cases(cfg: Config):
         setup = _eva if model.startswith("eva") else _vit
         yield Case(NAME, f"{NAME}/{model}/b{batch}/keep0.7", f"{model} b{batch}",
                    dict(model=model, batch=batch, keep_rate=0.7),
-                   lambda model=model, batch=batch, setup=setup: setup(cfg, model, batch, keep_rate=0.7))
+                   functools.partial(setup, cfg, model, batch, keep_rate=0.7))
 
     no_class = pick(cfg, quick=(("siglip_test", 2),), cpu=(("siglip_base", 1),), cuda=(("siglip_base", 64),
                                                                                 ("siglip_base", 1)))
@@ -178,7 +178,7 @@ def cases(cfg: Config):
         for r in pick(cfg, quick=(0.5,), cpu=(0.7,), cuda=(0.7, 0.5)):
             yield Case(NAME, f"{NAME}/{model}/b{batch}/keep{r}", f"{model} b{batch}",
                        dict(model=model, batch=batch, keep_rate=r),
-                       lambda model=model, batch=batch, r=r: _vit_no_class(cfg, model, batch, r))
+                       functools.partial(_vit_no_class, cfg, model, batch, r))
 
     swins = pick(cfg, quick=(("swin_test", None, 1),),
                  cpu=(("swin_tiny", 224, 1), ("swin_tiny", 672, 1), ("swin_tiny", 672, 4), ("swinv2_tiny", 512, 1)),
@@ -196,13 +196,11 @@ def cases(cfg: Config):
             off = label == ("s0.5" if cfg.quick else "sparsevit")
             yield Case(NAME, f"{NAME}/{size}/b{batch}/{label}", group,
                        dict(model=model, img_size=img_size, batch=batch, ratios=ratios),
-                       lambda model=model, img_size=img_size, batch=batch, ratios=ratios, off=off:
-                       _swin(cfg, model, img_size, batch, ratios, inplace_off=off))
+                       functools.partial(_swin, cfg, model, img_size, batch, ratios, inplace_off=off))
         # SparseViT's measurement: the backbone at 672x672, batch 4 (--quick: the test model at 0.5)
         if (model, img_size, batch) == ("swin_tiny", 672, 4) or cfg.quick:
             ratios = 0.5 if cfg.quick else SPARSEVIT_SWIN_T
             yield Case(NAME, f"{NAME}/{size}/b{batch}/{'s0.5' if cfg.quick else 'sparsevit'}/backbone",
                        f"{size} b{batch} backbone", dict(model=model, img_size=img_size, batch=batch, ratios=ratios,
                                                          backbone=True),
-                       lambda model=model, img_size=img_size, batch=batch, ratios=ratios:
-                       _swin(cfg, model, img_size, batch, ratios, backbone=True))
+                       functools.partial(_swin, cfg, model, img_size, batch, ratios, backbone=True))

@@ -4,6 +4,8 @@ Gather / scatter of tokens and windows and window scores at ViT-B and Swin-T 672
 x.reshape(-1, C)[index], index_copy, roll + pad + window_partition + index) and a device
 copy (clone) of the same number of bytes, measured in the same run.
 Speedups are over naive; sparsity is the fraction of tokens or windows pruned."""
+import functools
+
 import torch
 
 import sparse_ops
@@ -80,6 +82,6 @@ def cases(cfg: Config):
                                     ("scatter_windows", _window_case, windows, window_shape)):
         for s in sparsities:
             yield Case(NAME, f"{NAME}/{op}/{label}/s{s}", f"{op} {label}", dict(op=op, shape=shape, sparsity=s),
-                       lambda op=op, maker=maker, shape=shape, s=s: maker(cfg, op, shape, s))
+                       functools.partial(maker, cfg, op, shape, s))
     yield Case(NAME, f"{NAME}/window_scores/{window_shape}", f"window_scores {window_shape}",
-               dict(op="window_scores", shape=windows), lambda: _window_case(cfg, "window_scores", windows, None))
+               dict(op="window_scores", shape=windows), functools.partial(_window_case, cfg, "window_scores", windows, None))
