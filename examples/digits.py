@@ -63,7 +63,9 @@ def train(model, data, epochs: int, dense_sparse: bool, seed: int, batch: int = 
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * ((len(labels) + batch - 1) // batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    # 0.1 of 10 steps is exactly one step, where torch's OneCycleLR divides by zero
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps,
+                                                   pct_start=0.15 if steps == 10 else 0.1)
     is_vit = isinstance(model, SparseVisionTransformer)
     model.train()
     for _ in range(epochs):

@@ -1,5 +1,6 @@
 """examples/digits.py and examples/digits_seg.py run as a user runs them (a fresh process, no
-TRITON_INTERPRET), in their --quick smoke modes, and write their reports."""
+TRITON_INTERPRET), in their --quick smoke modes, and write their reports; their training
+loops run at a step count torch's one-cycle schedule trips on."""
 import os
 import pathlib
 import subprocess
@@ -36,3 +37,15 @@ def test_example_quick(example, options, check, tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     check(out.read_text())
+
+
+def test_training_runs_ten_steps(monkeypatch):
+    """Ten steps, where a 0.1 warm-up of the one-cycle schedule is exactly one step (torch's
+    OneCycleLR divides by zero there), train in both examples."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import digits
+    import digits_seg
+    train_set = digits.digits(32)[0]
+    digits.train(digits.make_vit(), (train_set[0][:640], train_set[1][:640]), 1, False, seed=1)
+    canvases = digits_seg.datasets(160, 16)[0]
+    digits_seg.train(digits_seg.Segmenter(), canvases, 1, False, seed=1)
