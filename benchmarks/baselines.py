@@ -264,12 +264,24 @@ def sparsevit_features(net, images: torch.Tensor, kept_windows: Sequence[int], a
 
 
 # ------------------------------------------------------------------------- peers
+# Graphs the FlexAttention peer may compile: one per stage, window grid and kept count (Swin-T
+# at 224 needs 11, more than dynamo's default limit of 8).
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_flex_attention():
     """torch.compile(flex_attention): FlexAttention fuses (and on the CPU runs at all without
-    materialising the scores) only compiled. ImportError where this torch has none."""
+    materialising the scores) only compiled. Past FLEX_RECOMPILE_LIMIT graphs it raises:
+    dynamo would otherwise fall back to the unfused eager flex_attention without a word, and
+    the peer would be timed crippled. ImportError where this torch has none."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return compiled(*args, **kwargs)
+    return call
 
 
 def flex_window_attention(attn, x: torch.Tensor, window_ids: torch.Tensor, mask: Optional[torch.Tensor]):

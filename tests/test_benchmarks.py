@@ -160,6 +160,19 @@ def test_naive_swin_backbone_is_timms_at_zero_sparsity_and_prunes_like_ours():
             assert not torch.allclose(pruned[0], dense[0])  # it does prune
 
 
+def test_flex_peer_fails_past_its_graph_limit_instead_of_running_unfused(monkeypatch):
+    """Past dynamo's recompile limit a compiled flex_attention silently runs eager and
+    unfused (Swin-T at 224 needs 11 graphs, dynamo's default limit is 8): the peer raises
+    there instead, so that it is never timed crippled."""
+    torch._dynamo.reset()
+    net = baselines.model("swin_test", "cpu", torch.float32, None)
+    kept = baselines.swin_kept_windows(net, [0.5] * 8)  # stages 0 and 1: two graphs each
+    monkeypatch.setattr(baselines, "FLEX_RECOMPILE_LIMIT", 1)
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        baselines.sparsevit_forward(net, torch.randn(1, 3, 72, 72), kept, attention=baselines.flex_window_attention)
+    torch._dynamo.reset()
+
+
 def test_a_peer_is_checked_against_ours_before_it_is_timed():
     x = torch.randn(4, 8)
     expected = baselines.expected_of(lambda: x.exp())
