@@ -47,9 +47,11 @@ def test_select_tokens_rate_count():
 
 @pytest.mark.parametrize("mass", [0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("min_keep", [0, 1, 4])
-def test_select_tokens_by_mass(device, mass, min_keep):
+@pytest.mark.parametrize("images", [5, 1])  # one image takes a path of its own
+def test_select_tokens_by_mass(device, mass, min_keep, images):
     # Peaked scores so that images need very different counts.
     scores = torch.rand(5, 40, device=device) ** torch.tensor([1.0, 4.0, 8.0, 16.0, 0.5], device=device).view(5, 1)
+    scores = scores[-images:]
     idx = sparse_ops.select_tokens(scores, mass=mass, min_keep=min_keep)
     same_index(idx, reference.select_tokens(scores, mass=mass, min_keep=min_keep))
     check_structure(idx, 1)
@@ -61,6 +63,18 @@ def test_select_tokens_by_mass(device, mass, min_keep):
     keep = idx.keep_mask()[:, 1:]
     share = (scores[:, 1:] * keep).sum(1) / scores[:, 1:].sum(1)
     assert (share >= mass - 1e-6).all()
+
+
+@pytest.mark.parametrize("keep_prefix", [0, 2, 9])
+def test_select_tokens_by_mass_ties_and_prefixes(device, keep_prefix):
+    """Tied scores rank in token order; the prefix is kept whatever its scores (all of the
+    tokens when keep_prefix is N)."""
+    scores = torch.tensor([[0.5, 0.1, 0.2, 0.2, 0.0, 0.2, 0.1, 0.2, 0.3]], device=device)
+    for batch in (scores, scores.expand(3, -1)):
+        for mass in (0.3, 0.6, 1.0):
+            idx = sparse_ops.select_tokens(batch, mass=mass, keep_prefix=keep_prefix)
+            same_index(idx, reference.select_tokens(batch, mass=mass, keep_prefix=keep_prefix))
+            check_structure(idx, keep_prefix)
 
 
 def test_token_index_from_mask_and_back(device):

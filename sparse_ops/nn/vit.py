@@ -25,7 +25,7 @@ from torch import Tensor
 from .._backend import kernel
 from ..attention import varlen as _varlen
 from ..layout import TokenIndex
-from ..select import select_tokens
+from ..select import mass_tokens, top_tokens
 from ._common import drop_path, gather, norm_linear
 
 
@@ -171,8 +171,8 @@ class SparseBlock(Block):
 
     def _select_index(self, scores: Tensor) -> TokenIndex:
         if self.mass is not None:
-            return select_tokens(scores, mass=self.mass, keep_prefix=self.num_prefix_tokens)
-        return select_tokens(scores, keep_rate=self.keep_rate, keep_prefix=self.num_prefix_tokens)
+            return mass_tokens(scores, self.mass, self.num_prefix_tokens)
+        return top_tokens(scores, self.keep_rate, self.num_prefix_tokens)
 
     def _add_package_token(self, t: Tokens, kept: Tokens, rows: Tensor):
         """Appends to each image the mean of its pruned tokens weighted by their class
