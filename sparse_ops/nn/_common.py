@@ -1,7 +1,7 @@
 """What the sparse ViT and Swin blocks share: the unchecked op calls (the blocks build their
-own indices, so the boundary's value checks, which synchronise on CUDA, are skipped), and
-stochastic depth over packed rows."""
-from typing import Optional
+own indices, so the boundary's value checks, which synchronise on CUDA, are skipped),
+stochastic depth over packed rows, and a cache for values made from parameters alone."""
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,27 @@ def linear_scatter(h: Tensor, linear: nn.Linear, base: Tensor, rows: Tensor, res
         return fused.linear_scatter(h, linear.weight, linear.bias, residual, base, rows)
     fused.linear_scatter_(h, linear.weight, linear.bias, residual, base, rows)
     return base
+
+
+def inference_cached(module: nn.Module, name: str, compute: Callable[[], Tensor], *sources: Tensor) -> Tensor:
+    """compute(), a value made from the tensors `sources` alone (a Swin block's relative-position
+    bias from its table and index), kept on module under `name` between calls that record no
+    gradient for it: recomputed where autograd would record it, under torch.compile (the graph
+    holds the computation), and once a source is another tensor, has other memory or was
+    written in place (version counter). The cache holds the sources' memory, so that no new
+    tensor can take its address while kept. timm recomputes such values at every call: a few
+    small ops a block."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
+        return compute()
+    # a value made in inference mode is an inference tensor: reused only there
+    key = (torch.is_inference_mode_enabled(), *((s.data_ptr(), s._version) for s in sources))
+    cache = module.__dict__.setdefault("_inference_cache", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key and all(a is b for a, b in zip(hit[1], sources, strict=True)):
+        return hit[3]
+    value = compute()
+    cache[name] = (key, sources, [s.untyped_storage() for s in sources], value)
+    return value
 
 
 def gather(x: Tensor, rows: Optional[Tensor]) -> Tensor:

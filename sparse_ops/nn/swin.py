@@ -20,7 +20,7 @@ from .._backend import kernel
 from ..attention import window as _window
 from ..layout import window_grid
 from ..select import kept_count
-from ._common import drop_path, gather, linear_scatter, norm_linear
+from ._common import drop_path, gather, inference_cached, linear_scatter, norm_linear
 
 
 class SparseSwinBlock(SwinTransformerBlock):
@@ -70,8 +70,9 @@ class SparseSwinBlock(SwinTransformerBlock):
         M, n = B * K, self.window_area
         head_dim = attn.qkv.out_features // (3 * attn.num_heads)  # explicit: M may be 0 (batch 0)
         qkv = norm_linear(x2d, rows, self.norm1, attn.qkv).view(M, n, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        o = _window._forward_op(*qkv.unbind(0), windows.view(-1), attn._get_rel_pos_bias()[0],
-                                self._shift_mask(H, W, x), attn.scale)
+        bias = inference_cached(self, "bias", lambda: attn._get_rel_pos_bias()[0], attn.relative_position_bias_table,
+                                attn.relative_position_index)
+        o = _window._forward_op(*qkv.unbind(0), windows.view(-1), bias, self._shift_mask(H, W, x), attn.scale)
         o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(M * n, attn.num_heads * head_dim)))
         sample = torch.arange(B, device=x.device).repeat_interleave(K * n) if self.training else None
         y = gather(x2d, rows) + drop_path(self.drop_path1, o, sample, B)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._backend import kernel
 from ..attention import window as _window
 from ..fused import layernorm_linear
-from ._common import drop_path, gather
+from ._common import drop_path, gather, inference_cached
 from .swin import SparseSwinBlock, SparseSwinStage
 
 
@@ -43,16 +43,23 @@ class SparseSwinV2Block(SwinTransformerV2Block):
 
     def position_bias(self) -> Tensor:
         """The continuous relative-position bias [H, n, n]: 16 * sigmoid of cpb_mlp on the
-        log-spaced coordinate table, gathered by relative position index."""
+        log-spaced coordinate table, gathered by relative position index (cached in inference)."""
         attn = self.attn
-        table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
-        n = self.window_area
-        bias = table[attn.relative_position_index.view(-1)].view(n, n, attn.num_heads).permute(2, 0, 1)
-        return 16 * torch.sigmoid(bias)
+
+        def compute():
+            table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+            n = self.window_area
+            bias = table[attn.relative_position_index.view(-1)].view(n, n, attn.num_heads).permute(2, 0, 1)
+            return 16 * torch.sigmoid(bias)
+        return inference_cached(self, "bias", compute, attn.relative_coords_table, attn.relative_position_index,
+                                *attn.cpb_mlp.parameters())
 
     def head_scale(self, dtype: torch.dtype) -> Tensor:
-        """[H]: exp(logit_scale clamped to log(100)), in the attention's statistics dtype."""
-        return torch.clamp(self.attn.logit_scale, max=math.log(100.0)).exp().view(-1).to(dtype)
+        """[H]: exp(logit_scale clamped to log(100)), in the attention's statistics dtype (cached
+        in inference)."""
+        scale = self.attn.logit_scale
+        return inference_cached(self, f"head_scale {dtype}",
+                                lambda: torch.clamp(scale, max=math.log(100.0)).exp().view(-1).to(dtype), scale)
 
     def forward(self, x: Tensor, order: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
         """x [B, H, W, C]. order: this block's window ranking [B, >= kept] (a stage passes
@@ -72,7 +79,9 @@ class SparseSwinV2Block(SwinTransformerV2Block):
         if x2d.stride(1) != 1:
             x2d = x2d.contiguous()
         M, n = B * K, self.window_area
-        qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv_bias = None if attn.q_bias is None else inference_cached(
+            self, "qkv_bias", lambda: torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)), attn.q_bias, attn.k_bias,
+            attn.v_bias)
         # gather + qkv GEMM; a padding row reads zeros, so its q, k, v are the biases, as timm's
         qkv = layernorm_linear(x2d, rows, None, None, 0.0, attn.qkv.weight, qkv_bias)
         q, k, v = qkv.view(M, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
