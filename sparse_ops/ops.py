@@ -173,7 +173,8 @@ def package_tokens(x: torch.Tensor, scores: torch.Tensor, idx: TokenIndex) -> to
     acc = torch.float64 if scores.dtype == torch.float64 or x.dtype == torch.float64 else torch.float32
     w = scores.to(acc) * ~idx.keep_mask()
     w = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    return torch.bmm(w.unsqueeze(1).to(x.dtype), x).squeeze(1)
+    # the weighted sum in acc too: weights rounded to fp16/bf16 erred several times the output's rounding
+    return torch.bmm(w.unsqueeze(1), x.to(acc)).squeeze(1).to(x.dtype)
 
 
 # ------------------------------------------------- autograd and fake implementations
