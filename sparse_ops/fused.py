@@ -17,10 +17,10 @@ run.
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks as check
+from . import _packed_linear
 from ._backend import kernel
 from .attention._dispatch import calls_directly, implementation, op_or_direct
 
@@ -80,7 +80,7 @@ def _ln_linear_forward_torch(x, rows, ln_weight, ln_bias, eps, weight, bias):
         mean, rstd = mean.view(-1).to(stat), rstd.view(-1).to(stat)
         if _has_padding(rows):  # padding rows are zero after the norm (xn is ours to write)
             xn.masked_fill_((rows < 0).unsqueeze(1), 0)
-    return F.linear(xn, weight, bias), mean, rstd
+    return _packed_linear.linear(xn, weight, bias), mean, rstd
 
 
 def _ln_linear_backward_torch(dout, x, rows, ln_weight, ln_bias, mean, rstd, weight, needs_input_grads):
@@ -115,9 +115,7 @@ def _ln_linear_backward_torch(dout, x, rows, ln_weight, ln_bias, mean, rstd, wei
 def _linear_scatter_torch(h, weight, bias, residual, out, rows):
     acc = _stat_dtype(h.dtype)  # one rounding at the end, as the kernel does
     res = (residual if residual is not None else _gather(out, rows)).to(acc)
-    if bias is not None:
-        res = res + bias.to(acc)
-    y = torch.addmm(res, h.to(acc), weight.t().to(acc)).to(out.dtype)
+    y = _packed_linear.linear(h.to(acc), weight.to(acc), None if bias is None else bias.to(acc), res).to(out.dtype)
     if rows is None:
         out.copy_(y)
     elif _has_padding(rows):

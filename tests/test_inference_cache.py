@@ -1,12 +1,14 @@
 """A pruned Swin block keeps its relative-position bias (V2: also its qkv bias and head scale)
-between inference calls (nn._common.inference_cached): it must follow every change of the
-parameters it is made from, never be used where autograd records them, and never leak an
-inference-mode tensor into a call that records a gradient."""
+and a pruned EVA block its concatenated q/k/v projection between inference calls
+(nn._common.inference_cached): it must follow every change of the parameters it is made from,
+never be used where autograd records them, and never leak an inference-mode tensor into a call
+that records a gradient."""
 import pytest
 import torch
 from torch import nn
 
 from sparse_ops import patch
+from test_eva import EVAS, LAYERS, images as eva_images, make as make_eva
 from test_patch import images, make_swin
 from test_swinv2 import make_swinv2
 
@@ -78,3 +80,25 @@ def test_inference_mode_values_stay_in_inference_mode(family):
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     torch.testing.assert_close(out.detach(), expected)
+
+
+@pytest.mark.parametrize("name", ["eva02-avg", "qknorm-token-unfused-scalenorms"])
+def test_eva_qkv_projection_follows_its_parameters(name):
+    """A pruned EvaBlock keeps its concatenated q/k/v bias (separate q, k, v Linears: also the
+    stacked weight) between inference calls."""
+    model = patch.vit(make_eva(name), keep_rate=0.5)
+    x = eva_images(EVAS[name][1][0])
+    block = model.blocks[LAYERS[0]]
+    attn = block.attn
+    changes = [(attn, "q_bias"), (attn, "v_bias")] if attn.qkv is not None else [
+        (attn.q_proj, "weight"), (attn.k_proj, "weight"), (attn.v_proj, "bias")]
+    with torch.no_grad():
+        before = model.forward_features(x)  # the grid: this model's logits hardly depend on it
+        assert block.__dict__["_inference_cache"]  # the values are kept
+        for holder, pname in changes:
+            getattr(holder, pname).add_(torch.randn_like(getattr(holder, pname)))
+            changed = model.forward_features(x)
+            assert not torch.allclose(changed, before)
+            block.__dict__.pop("_inference_cache")
+            torch.testing.assert_close(changed, model.forward_features(x), rtol=0, atol=0)
+            before = changed

@@ -1,13 +1,15 @@
 """What the sparse ViT and Swin blocks share: the unchecked op calls (the blocks build their
 own indices, so the boundary's value checks, which synchronise on CUDA, are skipped),
-stochastic depth over packed rows, and a cache for values made from parameters alone."""
+stochastic depth over packed rows, a cache for values made from parameters alone, and the
+blocks' plain Linears on packed weights in CPU inference (sparse_ops._packed_linear)."""
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .._backend import kernel
-from .. import fused
+from .. import _packed_linear, fused
 
 
 def norm_linear(x: Tensor, rows: Optional[Tensor], norm: nn.LayerNorm, linear: nn.Linear) -> Tensor:
@@ -24,6 +26,20 @@ def linear_scatter(h: Tensor, linear: nn.Linear, base: Tensor, rows: Tensor, res
         return fused.linear_scatter(h, linear.weight, linear.bias, residual, base, rows)
     fused.linear_scatter_(h, linear.weight, linear.bias, residual, base, rows)
     return base
+
+
+def linear(x: Tensor, module: nn.Module) -> Tensor:
+    """module(x): for a plain nn.Linear that no forward hook watches, through
+    _packed_linear.linear (a packed weight in CPU inference)."""
+    if type(module) is not nn.Linear or hooked(module):
+        return module(x)
+    return _packed_linear.linear(x, module.weight, module.bias)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward hook can see module's input or output (its own or a global one)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
+                or _global_forward_pre_hooks)
 
 
 def inference_cached(module: nn.Module, name: str, compute: Callable[[], Tensor], *sources: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from timm.models.eva import Eva, EvaBlock
 from torch import Tensor
 
 from ..fused import layernorm_linear
-from ._common import drop_path, gather
+from ._common import drop_path, gather, inference_cached, linear
 from .vit import SparseBlock, SparseVisionTransformer, Tokens, packed_attention
 
 
@@ -43,13 +43,22 @@ def rope_rows(rope: Tensor, positions: Tensor, num_prefix_tokens: int) -> Tensor
     return torch.where(rotated.unsqueeze(1), rope.reshape(-1, E)[row.clamp_min(0)], identity)
 
 
-def qkv_projection(attn) -> tuple:
-    """(weight, bias) of EvaAttention's q, k and v projections as one GEMM: the fused qkv
-    Linear with timm's q_bias, zero k_bias and v_bias, or the three separate Linears stacked."""
+def qkv_projection(block) -> tuple:
+    """(weight, bias) of the block's EvaAttention q, k and v projections as one GEMM: the
+    fused qkv Linear with timm's q_bias, zero k_bias and v_bias, or the three separate Linears
+    stacked. What is concatenated is kept between inference calls (inference_cached)."""
+    attn = block.attn
     if attn.qkv is not None:
-        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        return attn.qkv.weight, bias
+        if attn.q_bias is None:
+            return attn.qkv.weight, None
+        biases = (attn.q_bias, attn.k_bias, attn.v_bias)
+        return attn.qkv.weight, inference_cached(block, "qkv_bias", lambda: torch.cat(biases), *biases)
     linears = (attn.q_proj, attn.k_proj, attn.v_proj)
+    sources = [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
+    return inference_cached(block, "qkv", lambda: _stacked(linears), *sources)
+
+
+def _stacked(linears) -> tuple:
     weight = torch.cat([lin.weight for lin in linears])
     if all(lin.bias is None for lin in linears):
         return weight, None
@@ -91,7 +100,7 @@ class SparseEvaBlock(EvaBlock):
         attn = self.attn
         T = t.x.shape[0] if rows is None else rows.shape[0]
         src = t.x if t.x.stride(1) == 1 else t.x.contiguous()
-        qkv = layernorm_linear(src, rows, self.norm1.weight, self.norm1.bias, self.norm1.eps, *qkv_projection(attn))
+        qkv = layernorm_linear(src, rows, self.norm1.weight, self.norm1.bias, self.norm1.eps, *qkv_projection(self))
         q, k, v = qkv.view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:
@@ -99,7 +108,7 @@ class SparseEvaBlock(EvaBlock):
             q = apply_rot_embed_cat(q, r, half=attn.rotate_half).type_as(v)
             k = apply_rot_embed_cat(k, r, half=attn.rotate_half).type_as(v)
         o, cls_attn = packed_attention(q, k, v, t, attn.scale, self.emit_cls_attn, self.received_attention)
-        o = attn.proj_drop(attn.proj(attn.norm(o.reshape(T, -1))))
+        o = attn.proj_drop(linear(attn.norm(o.reshape(T, -1)), attn.proj))
         if self.gamma_1 is not None:
             o = self.gamma_1 * o
         x = gather(t.x, rows)

@@ -13,14 +13,13 @@ from typing import Optional, Tuple
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerStage
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils.checkpoint import checkpoint
 
 from .._backend import kernel
 from ..attention import window as _window
 from ..layout import window_grid
 from ..select import kept_count
-from ._common import drop_path, gather, inference_cached, linear_scatter, norm_linear
+from ._common import drop_path, gather, hooked, inference_cached, linear, linear_scatter, norm_linear
 
 
 class SparseSwinBlock(SwinTransformerBlock):
@@ -73,7 +72,7 @@ class SparseSwinBlock(SwinTransformerBlock):
         bias = inference_cached(self, "bias", lambda: attn._get_rel_pos_bias()[0], attn.relative_position_bias_table,
                                 attn.relative_position_index)
         o = _window._forward_op(*qkv.unbind(0), windows.view(-1), bias, self._shift_mask(H, W, x), attn.scale)
-        o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(M * n, attn.num_heads * head_dim)))
+        o = attn.proj_drop(linear(o.transpose(1, 2).reshape(M * n, attn.num_heads * head_dim), attn.proj))
         sample = torch.arange(B, device=x.device).repeat_interleave(K * n) if self.training else None
         y = gather(x2d, rows) + drop_path(self.drop_path1, o, sample, B)
         h = mlp.norm(mlp.drop1(mlp.act(norm_linear(y, None, self.norm2, mlp.fc1))))
@@ -92,12 +91,6 @@ class SparseSwinBlock(SwinTransformerBlock):
         gh, gw = window_grid(height, width, self.window_size)
         frame = x.new_empty(1, gh * self.window_size[0], gw * self.window_size[1], 0)
         return self.get_attn_mask(frame)
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook can see module's input or output (its own or a global one)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
-                or _global_forward_pre_hooks)
 
 
 class SparseSwinStage(SwinTransformerStage):
@@ -124,14 +117,14 @@ class SparseSwinStage(SwinTransformerStage):
             x.requires_grad or any(p.requires_grad for p in self.parameters())))
         # the stage's own tensor: the downsample's fresh output (an Identity passes the caller's)
         owned = may_write and not isinstance(self.downsample, nn.Identity) and not any(
-            _hooked(m) for m in self.downsample.modules())
+            hooked(m) for m in self.downsample.modules())
         for blk in self.blocks:
             order = orders.get((tuple(blk.window_size), tuple(blk.shift_size)))
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, order, False, use_reentrant=False)
                 owned = False
             else:
-                hooked = _hooked(blk)
-                x = blk(x, order=order, inplace=owned and not hooked)
-                owned = may_write and not hooked  # a block returns its input written in place or a new tensor
+                watched = hooked(blk)
+                x = blk(x, order=order, inplace=owned and not watched)
+                owned = may_write and not watched  # a block returns its input written in place or a new tensor
         return x

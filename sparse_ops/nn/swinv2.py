@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._backend import kernel
 from ..attention import window as _window
 from ..fused import layernorm_linear
-from ._common import drop_path, gather, inference_cached
+from ._common import drop_path, gather, inference_cached, linear
 from .swin import SparseSwinBlock, SparseSwinStage
 
 
@@ -88,11 +88,11 @@ class SparseSwinV2Block(SwinTransformerV2Block):
         stat = torch.float64 if x.dtype == torch.float64 else torch.float32
         o = _window._forward_op(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, windows.view(-1),
                                 self.position_bias(), self._shift_mask(H, W, x), 1.0, self.head_scale(stat))
-        o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(M * n, -1)))
+        o = attn.proj_drop(linear(o.transpose(1, 2).reshape(M * n, -1), attn.proj))
         sample = torch.arange(B, device=x.device).repeat_interleave(K * n) if self.training else None
         y = gather(x2d, rows) + drop_path(self.drop_path1, self.norm1(o), sample, B)
-        h = mlp.norm(mlp.drop1(mlp.act(mlp.fc1(y))))
-        y = y + drop_path(self.drop_path2, self.norm2(mlp.drop2(mlp.fc2(h))), sample, B)
+        h = mlp.norm(mlp.drop1(mlp.act(linear(y, mlp.fc1))))
+        y = y + drop_path(self.drop_path2, self.norm2(mlp.drop2(linear(h, mlp.fc2))), sample, B)
         padded = H % self.window_size[0] or W % self.window_size[1]
         if inplace and not padded:  # every row is real: a plain indexed copy into the owned map
             out = x2d.index_copy_(0, rows, y)

@@ -26,7 +26,7 @@ from .._backend import kernel
 from ..attention import varlen as _varlen
 from ..layout import TokenIndex
 from ..select import mass_tokens, top_tokens
-from ._common import drop_path, gather, norm_linear
+from ._common import drop_path, gather, linear, norm_linear
 
 
 @dataclass
@@ -205,13 +205,13 @@ class SparseBlock(Block):
         q, k, v = qkv.unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
         o, cls_attn = packed_attention(q, k, v, t, attn.scale, self.emit_cls_attn, self.received_attention)
-        o = attn.proj_drop(attn.proj(attn.norm(o.reshape(T, -1))))
+        o = attn.proj_drop(linear(attn.norm(o.reshape(T, -1)), attn.proj))
         x = gather(t.x, rows)
         # t.x still holds the rows before the gather: count images over the gathered ones
         sample = replace(t, x=x).sample_of_row() if self.training else None
         x = x + drop_path(self.drop_path1, self.ls1(o), sample, t.batch_size)
         h = mlp.norm(mlp.drop1(mlp.act(norm_linear(x, None, self.norm2, mlp.fc1))))
-        x = x + drop_path(self.drop_path2, self.ls2(mlp.drop2(mlp.fc2(h))), sample, t.batch_size)
+        x = x + drop_path(self.drop_path2, self.ls2(mlp.drop2(linear(h, mlp.fc2))), sample, t.batch_size)
         return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len, cls_attn, t.index)
 
 

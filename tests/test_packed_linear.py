@@ -1,0 +1,122 @@
+"""The Linears of pruned blocks in CPU inference run on weights packed once for oneDNN
+(sparse_ops._packed_linear): the packed copy must give F.linear's result, follow every change
+of its weight, and never be used where autograd records, under torch.compile, with oneDNN
+turned off, or for tensors that are not model weights."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_ops import _packed_linear, patch
+from test_patch import images, make_swin
+
+pytestmark = pytest.mark.skipif(not _packed_linear._AVAILABLE, reason="torch built without oneDNN")
+
+
+def layer(in_features=24, out_features=40, bias=True):
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def reference(x, weight, bias, residual=None):
+    out = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return (out if residual is None else out + residual.double()).float()
+
+
+def is_packed(weight) -> bool:
+    return weight in _packed_linear._packed
+
+
+@pytest.mark.parametrize("rows", [0, 1, 49, 130])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_matches_f_linear(rows, bias, with_residual):
+    lin = layer(bias=bias)
+    x = torch.randn(rows, 24)
+    residual = torch.randn(rows, 40) if with_residual else None
+    with torch.no_grad():
+        out = _packed_linear.linear(x, lin.weight, lin.bias, residual)
+    assert is_packed(lin.weight)
+    torch.testing.assert_close(out, reference(x, lin.weight, lin.bias, residual), rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_rows_and_inference_mode():
+    lin = layer()
+    x = torch.randn(24, 33).t()  # [33, 24], column stride 33
+    with torch.inference_mode():
+        first = _packed_linear.linear(x, lin.weight, lin.bias)
+    with torch.no_grad():  # the copy packed in inference mode serves outside it
+        second = _packed_linear.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(first, reference(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_follows_its_weight():
+    lin = layer()
+    x = torch.randn(7, 24)
+    with torch.no_grad():
+        before = _packed_linear.linear(x, lin.weight, lin.bias)
+        lin.weight.add_(torch.randn_like(lin.weight))  # in place: the version counter moves
+        changed = _packed_linear.linear(x, lin.weight, lin.bias)
+        assert not torch.allclose(changed, before)
+        torch.testing.assert_close(changed, reference(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        lin.weight.data = torch.randn_like(lin.weight)  # the same Parameter on other memory
+        moved = _packed_linear.linear(x, lin.weight, lin.bias)
+        torch.testing.assert_close(moved, reference(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        lin.bias.add_(1.0)  # the bias is not packed: read at every call
+        torch.testing.assert_close(_packed_linear.linear(x, lin.weight, lin.bias), moved + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_entry_dies_with_its_weight():
+    lin = layer()
+    with torch.no_grad():
+        _packed_linear.linear(torch.randn(3, 24), lin.weight, lin.bias)
+    count = len(_packed_linear._packed)
+    del lin
+    assert len(_packed_linear._packed) == count - 1
+
+
+def test_not_where_autograd_records():
+    lin = layer()
+    x, residual = torch.randn(5, 24, requires_grad=True), torch.randn(5, 40)
+    _packed_linear.linear(x, lin.weight, lin.bias, residual).square().sum().backward()
+    assert not is_packed(lin.weight)
+    ref = [t.detach().clone().requires_grad_() for t in (x, lin.weight, lin.bias)]
+    (F.linear(*ref) + residual).square().sum().backward()
+    for got, want in zip((x, lin.weight, lin.bias), ref):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("case", ["plain tensor", "float64", "oneDNN off", "compiling"])
+def test_falls_back(case, monkeypatch):
+    lin = layer()
+    weight, x = lin.weight, torch.randn(4, 24)
+    if case == "plain tensor":  # e.g. the transposed weight a backward pass multiplies by
+        weight = lin.weight.detach().clone()
+    elif case == "float64":
+        lin.double()
+        weight, x = lin.weight, x.double()
+    elif case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    elif case == "oneDNN off":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    with torch.no_grad():
+        out = _packed_linear.linear(x, weight, lin.bias)
+    assert not is_packed(lin.weight) and not is_packed(weight)
+    torch.testing.assert_close(out, F.linear(x, weight, lin.bias), rtol=0, atol=0)
+
+
+def test_pruned_block_packs_and_keeps_projection_hooks():
+    """A pruned Swin block's Linears are packed in inference; a forward hook on its attention
+    projection (a plain module call in timm) still sees that module's input and output."""
+    model = patch.swin(make_swin(img_size=72), ratios=0.5).eval()
+    block = model.layers[0].blocks[1]
+    seen = []
+    with torch.no_grad():
+        model(images(model))
+        assert all(is_packed(m.weight) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2))
+        handle = block.attn.proj.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+        model(images(model))
+        handle.remove()
+    assert len(seen) == 1
+    x, out = seen[0]
+    torch.testing.assert_close(out, F.linear(x, block.attn.proj.weight, block.attn.proj.bias))
