@@ -48,6 +48,13 @@ def test_non_contiguous_rows_and_inference_mode():
         second = _packed_linear.linear(x, lin.weight, lin.bias)
     torch.testing.assert_close(first, reference(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+    residual = torch.randn(40, 33).t()  # a transposed residual, and rows with an inner stride
+    with torch.no_grad():
+        out = _packed_linear.linear(x, lin.weight, lin.bias, residual)
+        rows = torch.randn(33, 48)[:, ::2]
+        strided = _packed_linear.linear(rows, lin.weight, None)
+    torch.testing.assert_close(out, reference(x, lin.weight, lin.bias, residual), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(strided, reference(rows, lin.weight, None), rtol=1e-5, atol=1e-5)
 
 
 def test_follows_its_weight():
