@@ -1,10 +1,12 @@
 # make test  : set up a fresh machine, build the extension (CUDA sources compiled too when
 #              nvcc is found, as a compile check on machines without a GPU), build the CMake
 #              twin (CPU sources only: pip's build already compiled the CUDA ones), run the tests.
-# make bench : the same set-up, then the benchmarks on the best device present.
+# make bench : the same set-up, then the benchmarks on the best device present (on the CPU with
+#              1 thread, as the README's table was measured: BENCH_ARGS="--threads 2" for more).
 # make gpu-check : on a GPU machine, in under 9 minutes: build for that GPU, CUDA tests, memcheck,
 #              the headline benchmarks and a summary against the issues' targets, all under
-#              benchmarks/results/<device>/ (benchmarks/gpu_check.py; GPU_CHECK_ARGS=--plan lists it).
+#              benchmarks/results/<device>/ (benchmarks/gpu_check.py; GPU_CHECK_ARGS=--plan lists it,
+#              --rehearse times here what needs no GPU against the budgets, --only bench reruns a phase).
 PYTHON ?= python3
 VENV ?= .venv
 export CUDA_HOME ?= /usr/local/cuda
@@ -29,13 +31,17 @@ endif
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm ninja pytest numpy matplotlib tqdm scikit-learn
+	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 timm ninja pytest numpy matplotlib tqdm scikit-learn \
+		onnx onnxscript onnxruntime
 	touch $@
 
 # Where torch came with the machine, add what the tests and benchmarks need beside it.
+# onnx, onnxscript, onnxruntime (the ONNX export tests) where pip can get them: offline, those tests skip.
 setup: $(SETUP_DEPS)
 	@$(PY) -c "import timm, pytest, triton, matplotlib, tqdm, sklearn" 2>/dev/null || \
 		$(PY) -m pip install -q timm pytest triton matplotlib tqdm scikit-learn
+	@$(PY) -c "import onnx, onnxscript, onnxruntime" 2>/dev/null || \
+		$(PY) -m pip install -q onnx onnxscript onnxruntime || echo "onnx/onnxruntime not installed: ONNX tests skip"
 
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -59,10 +65,12 @@ test: build cmake
 		$(PY) -m pytest -q tests
 
 # make bench BENCH_ARGS="--suite attention --case varlen": any `python -m benchmarks` options.
+# The harness sets the thread count itself (--threads, default 1 on the CPU) and records it.
 bench: build
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
-# No set-up step: it builds the extension itself, for the GPU it finds, into the torch present.
+# No set-up step: it builds the extension itself, for the GPU it finds, into the torch present,
+# offline (the GPU machine has no network: pip's index and the HF hub are switched off).
 gpu-check:
 	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 

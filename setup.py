@@ -92,7 +92,10 @@ class NinjaBuildExtension(BuildExtension.with_options(use_ninja=True)):
 
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]  # the C++ standard comes from torch's build helper
+    # The C++ standard comes from torch's build helper. -g0: Python's CFLAGS bring -g, and debug
+    # information for torch's headers made each C++ unit compile 2.2-2.8x slower (windows_cpu.o:
+    # 259 s -> 107 s, 5.4 MB -> 0.13 MB, 2 loaded cores, 2026-12-07).
+    cxx = ["-O3", "-g0"]
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (torch.version.cuda is not None and CUDA_HOME is not None)
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

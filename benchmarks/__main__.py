@@ -8,15 +8,20 @@ the speedup over the baseline, the ideal speedup from the FLOP ratio and the eff
 (achieved / ideal), peak memory (CUDA), and for memory-bound ops GB/s and % of a device copy
 measured in the same run. A case that fails is reported and the others still run.
 
+Rows whose spread passes ±10 % (theirs or their baseline's) or whose efficiency passes
+100 % are marked unreliable (⚠), with what to do about them.
+
 Writes results.json, results.md (the tables printed here) and speedup-vs-sparsity plots to
 the output folder it prints. Defaults: the best device present (CUDA, else CPU), bfloat16 on
-CUDA and float32 on CPU; on CPU smaller shapes and no torch.compile (a few minutes).
+CUDA and float32 on CPU; on CPU smaller shapes, one thread (the README's table) and no
+torch.compile (about 25 minutes on 2 cores; --quick: tiny shapes, a smoke test in minutes).
 """
 import argparse
 import datetime
 import pathlib
 import sys
 import textwrap
+import time
 import warnings
 
 import torch
@@ -28,11 +33,13 @@ from .run import REPO, environment, run_case
 from .suites import SUITES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CPU_THREADS = 1  # the thread count of the README's CPU table: make bench reproduces it
 
 
-def _config(device: str, dtype, quick: bool, compile_) -> Config:
+def _config(device: str, dtype, quick: bool, compile_, rounds=None, flex=None) -> Config:
     dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    return Config(device, dtype, quick, device == "cuda" if compile_ is None else compile_)
+    return Config(device, dtype, quick, device == "cuda" if compile_ is None else compile_, rounds,
+                  not quick if flex is None else flex)
 
 
 def _catalogue(cfg: Config) -> str:
@@ -56,11 +63,24 @@ def parse_args(argv):
     parser.add_argument("--device", choices=["cuda", "cpu"], default=best, help=f"default: {best}")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--out", type=pathlib.Path, help="output folder (default: benchmarks/out/<time>-<device>)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test of the harness")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, 3 rounds, no flex peers: a smoke test of the harness (under 3 minutes)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="add torch.compile of the dense and naive baselines (default: on cuda only)")
+    parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the torch.compile(flex_attention) peers (default: on, off with --quick: they "
+                             "compile for minutes on a CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch's CPU threads (default on cpu: {CPU_THREADS}, as the README's table was "
+                             "measured; on cuda: torch's default); recorded in the results")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="at least this many timed rounds per method (default: 5 on cpu, 10 on cuda, 3 with "
+                             "--quick): more rounds for rows marked unreliable")
     parser.add_argument("--list", action="store_true", help="print the names of the selected cases and exit")
     args = parser.parse_args(argv)
+    for name in ("threads", "rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available() and not args.list:  # listing needs no GPU
         parser.error("--device cuda: no CUDA device")
     unknown = set(args.suite.split(",")) - set(SUITES)
@@ -72,7 +92,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, args = parse_args(argv)
-    cfg = _config(args.device, args.dtype, args.quick, args.compile)
+    cfg = _config(args.device, args.dtype, args.quick, args.compile, args.rounds, args.flex)
     patterns = [p for p in args.case.split(",") if p]
     cases = [case for name in args.suite.split(",") for case in SUITES[name].cases(cfg)
              if not patterns or any(p in case.name for p in patterns)]
@@ -82,9 +102,19 @@ def main(argv=None) -> int:
         print("\n".join(case.name for case in cases))
         return 0
 
+    threads = args.threads or (CPU_THREADS if cfg.device == "cpu" else torch.get_num_threads())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(cases, cfg, argv, args.out)
+    finally:
+        torch.set_num_threads(previous)  # main() called from Python (the tests) leaves torch as it was
+
+
+def _run(cases, cfg: Config, argv, out) -> int:
     env = environment(cfg, argv)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = args.out or REPO / "benchmarks" / "out" / f"{stamp}-{report.slug(env['device'])}"
+    out = out or REPO / "benchmarks" / "out" / f"{stamp}-{report.slug(env['device'])}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"writing to {out}", file=sys.stderr)
     # The nested-tensor baseline is a torch prototype: its warning says nothing about the timings.
@@ -92,9 +122,13 @@ def main(argv=None) -> int:
 
     chunks, records = [report.header(env)], []
     print(chunks[0], end="")
+    started = time.perf_counter()
     with tqdm(cases, unit="case", file=sys.stderr, disable=None) as progress:
         for i, case in enumerate(progress):
             progress.set_description(case.name)
+            if progress.disable:  # not a terminal (a log, CI): a line per case instead of the bar
+                print(f"[{i + 1}/{len(cases)}, {time.perf_counter() - started:.0f} s] {case.name}", file=sys.stderr,
+                      flush=True)
             suite = SUITES[case.suite]
             if i == 0 or case.suite != cases[i - 1].suite:
                 chunks.append(report.suite_header(suite, cfg.device))
@@ -103,10 +137,13 @@ def main(argv=None) -> int:
             chunks.append(report.case_rows(records[-1], report.columns(suite, cfg.device)))
             tqdm.write(chunks[-1], end="")
             report.write(out, env, records, "".join(chunks))  # after every case: a killed run keeps its results
-    chunks.append(report.plots_section(report.plot(records, SUITES, out, env)))
+    chunks.append(report.unreliable_section(records) + report.plots_section(report.plot(records, SUITES, out, env)))
     print(chunks[-1], end="")
     report.write(out, env, records, "".join(chunks))
 
+    flagged = sum(bool(report.unreliable(r, name)) for r in records if r["error"] is None for name in r["methods"])
+    if flagged:
+        print(f"{flagged} rows marked unreliable (⚠): see 'Unreliable rows'", file=sys.stderr)
     failed = [f"{r['name']} ({name})" for r in records
               for name, m in ([("case", r["error"])] if r["error"] else r["methods"].items())
               if m["status"] == "error"]

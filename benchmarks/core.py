@@ -15,6 +15,8 @@ class Config:
     dtype: torch.dtype
     quick: bool  # tiny shapes and few rounds: the smoke run of the tests
     compile: bool  # add torch.compile of the dense and naive methods
+    rounds: Optional[int] = None  # at least this many timed rounds per method (None: the device's default)
+    flex: bool = True  # time the torch.compile(flex_attention) peers (minutes of compiling on a CPU)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ def compiled(methods: Dict[str, Method], cfg: Config, names=("dense", "naive")) 
         return methods
     extra = {f"{n}+compile": torch.compile(methods[n], dynamic=False) for n in names if callable(methods.get(n))}
     return {**methods, **extra}
+
+
+NO_FLEX = Unavailable("left out (--no-flex, the default with --quick): torch.compile(flex_attention) "
+                      "compiles for minutes on a CPU")
 
 
 def pick(cfg: Config, quick, cpu, cuda):

@@ -61,7 +61,7 @@ def _run(case: Case, cfg: Config) -> dict:
         setup = case.build()
         with torch.set_grad_enabled(setup.grad):
             timings = measure({n: m for n, m in setup.methods.items() if callable(m)}, cfg.device,
-                              budget(cfg.device, cfg.quick))
+                              budget(cfg.device, cfg.quick, cfg.rounds))
     except Exception as e:  # e.g. out of memory building the case, or an error CUDA reports late
         record.update(error=_error(e), wall_s=time.perf_counter() - start)
         return record

@@ -42,10 +42,13 @@ class Budget:
     warmup_s: float
 
 
-def budget(device: str, quick: bool) -> Budget:
+def budget(device: str, quick: bool, min_rounds: Optional[int] = None) -> Budget:
     if quick:
-        return Budget(0.0, 3, 3, 0.0)
-    return Budget(0.25, 10, 200, 0.025) if device == "cuda" else Budget(0.4, 5, 30, 0.05)
+        return Budget(0.0, min_rounds or 3, min_rounds or 3, 0.0)
+    plan = Budget(0.25, 10, 200, 0.025) if device == "cuda" else Budget(0.4, 5, 30, 0.05)
+    if min_rounds is None:
+        return plan
+    return Budget(plan.seconds_per_method, min_rounds, max(min_rounds, plan.max_rounds), plan.warmup_s)
 
 
 def _sync(device: str) -> None:

@@ -4,7 +4,7 @@ several sparsities and let the evolutionary search pick a Swin configuration und
 budget. Runs on the CPU in a few minutes:
 
     python examples/digits.py                # the README table (writes digits.md beside --out)
-    python examples/digits.py --quick        # a smoke run in seconds (used by the tests)
+    python examples/digits.py --quick        # a smoke run in seconds with one thread (used by the tests)
 
 Digits are 8x8 grey images of 0-9; upscaled to 32x32 RGB their blank borders become tokens and
 windows that pruning can skip.
@@ -96,7 +96,7 @@ def accuracy(model, data, **sparsity) -> float:
     return correct / len(labels)
 
 
-def sparsity_rows(name, models, test, speed_batch, repeats, rounds=3):
+def sparsity_rows(name, models, test, speed_batch, repeats, rounds):
     """One table row per sparsity: accuracy of each training and the measured speed-up. The
     settings are timed in turn, `rounds` times, and each keeps its fastest median: on a busy
     machine a slow spell then hits no setting more than the others."""
@@ -126,9 +126,9 @@ def search_swin(model, val, test, speed_batch, budget: float, quick: bool, repea
     limit = max(budget * dense, (dense + fastest) / 2)
     result = evolutionary_search(
         [SWIN_CHOICES] * sum(depths), lambda config: accuracy(model, val, ratios=list(config)), table,
-        latency_range=(0.0, limit), population=6 if quick else 20, parents=3 if quick else 5,
-        mutations=3 if quick else 8, crossover=3 if quick else 8, mutation_prob=0.2,
-        iterations=2 if quick else 8, seed=0, constraint=sorted_within_stages(depths), progress=False)
+        latency_range=(0.0, limit), population=4 if quick else 20, parents=2 if quick else 5,
+        mutations=2 if quick else 8, crossover=2 if quick else 8, mutation_prob=0.2,
+        iterations=1 if quick else 8, seed=0, constraint=sorted_within_stages(depths), progress=False)
     best = list(result.best[0].config)
     error = table.check([best], repeats=repeats)[0]
     measured = measure_latency(model, speed_batch, repeats=repeats, ratios=best)
@@ -148,23 +148,24 @@ def _uniform_at(model, test, config):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="one epoch on 128 images, few timings: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="one epoch on 128 images, one timing per setting, a 4-configuration search: a smoke run")
     parser.add_argument("--budget", type=float, default=0.7, help="search latency budget, a fraction of dense")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
-    parser.add_argument("--speed-batch", type=int, default=256,
-                        help="images per timed batch (at most the test split); the tests take a small one")
+    parser.add_argument("--speed-batch", type=int, default=None,
+                        help="images per timed batch (at most the test split; default 256, --quick: 16)")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
     train_set, val, test = digits(32)
-    epochs, repeats = (1, 2) if args.quick else (args.epochs, 10)
+    epochs, repeats, rounds = (1, 1, 1) if args.quick else (args.epochs, 10, 3)
     if args.quick:
-        train_set, val, test = [(x[:128], y[:128]) for x, y in (train_set, val, test)]
-    speed_batch = test[0][:args.speed_batch]
+        train_set, val, test = [(x[:n], y[:n]) for (x, y), n in zip((train_set, val, test), (128, 64, 64))]
+    speed_batch = test[0][:args.speed_batch or (16 if args.quick else 256)]
 
     lines = [f"Dense-only vs dense/sparse training ({epochs} epochs, {len(train_set[1])} training images), "
              f"test accuracy on {len(test[1])} images; speed of the dense/sparse model on a batch of "
-             f"{len(speed_batch)} (median of {repeats}, best of 3 interleaved rounds).", "",
+             f"{len(speed_batch)} (median of {repeats}, best of {rounds} interleaved rounds).", "",
              "| model | sparsity | acc. dense-only | acc. dense/sparse | latency | speed-up |",
              "|---|---|---|---|---|---|"]
     trained = {}
@@ -175,7 +176,7 @@ def main():
             t0 = time.perf_counter()
             models[kind] = train(make(), train_set, epochs, kind == "dense/sparse", seed=1)
             print(f"{name} {kind}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-        lines += sparsity_rows(name, models, test, speed_batch, repeats)
+        lines += sparsity_rows(name, models, test, speed_batch, repeats, rounds)
         trained[name] = models["dense/sparse"]
 
     found = search_swin(trained["Swin"], val, test, speed_batch, args.budget, args.quick, repeats)
@@ -186,7 +187,7 @@ def main():
               f"{100 * found['test']:.1f} % (one ratio {ratio} for every block: {100 * uniform_acc:.1f} %); "
               f"latency table off by {100 * found['table_error']:.0f} % from the measured time.", "",
               f"`python examples/digits.py{' --quick' if args.quick else ''}"
-              f"{f' --speed-batch {args.speed_batch}' if args.speed_batch != 256 else ''}`, "
+              f"{f' --speed-batch {args.speed_batch}' if args.speed_batch else ''}`, "
               f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}, "
               f"{time.perf_counter() - start:.0f} s in all."]

@@ -24,14 +24,15 @@ nothing, and the packed activations never exist in memory:
   rows go back to [R0, C] through scatter_add_rows (repeats add up, -1 is skipped).
 
 GEMM tiles are grouped along M (GROUP_M row blocks share their column blocks while they are
-in L2). Dots take the inputs' dtype on a GPU (float32: IEEE products, see dot_precision) and
-accumulate in float32; under the interpreter the tiles are upcast to float32 (UPCAST).
+in L2). Dots take the inputs' dtype on a GPU (float32: IEEE or TF32 products, as torch's matmul
+setting says, see dot_precision) and accumulate in float32; under the interpreter the tiles are
+upcast to float32 (UPCAST).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_precision, on_device_of
+from ._common import INTERPRET, autotune_configs, bucket, dot_precision, on_device_of, tuned
 
 
 def _configs(*blocks):
@@ -39,20 +40,21 @@ def _configs(*blocks):
     smallest first (the compile check builds only the first in float32); one small fixed tile
     under the interpreter (which cannot autotune), so that the tests' shapes span several
     blocks in every dimension and several groups along M."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in blocks]
+    return autotune_configs(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+         for m, n, k, w, s in blocks],
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4))
 
 
 _GEMM_BLOCKS = ((64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 4),
                 (128, 128, 64, 8, 3))
 
-# Tuned per layer shape and variant, not per number of kept rows R (it changes with every
-# pruning decision); the autotuner adds the dtypes. stride_wk tells W (1) from a transposed
-# view W.t() (N), whose best tiles differ.
-_LN_LINEAR_KEY = ["C", "N", "HAS_ROWS", "HAS_LN", "HAS_BIAS", "stride_wk"]
-_LINEAR_SCATTER_KEY = ["K", "N", "HAS_ROWS", "HAS_BIAS", "HAS_RESIDUAL", "stride_wk"]
+# Tuned per layer shape and variant and per power-of-two bucket of the kept rows (row_bucket:
+# 49 rows and 50K rows want other tiles), not per number of kept rows R (it changes with
+# every pruning decision); the autotuner adds the dtypes. stride_wk tells W (1) from a
+# transposed view W.t() (N), whose best tiles differ.
+_LN_LINEAR_KEY = ["C", "N", "HAS_ROWS", "HAS_LN", "HAS_BIAS", "stride_wk", "row_bucket"]
+_LINEAR_SCATTER_KEY = ["K", "N", "HAS_ROWS", "HAS_BIAS", "HAS_RESIDUAL", "stride_wk", "row_bucket"]
 
 
 @triton.jit
@@ -100,7 +102,7 @@ def _row_stats_kernel(
 @triton.autotune(_configs(*_GEMM_BLOCKS), key=_LN_LINEAR_KEY)
 @triton.jit
 def _ln_linear_kernel(
-    x, rows, mean, rstd, ln_weight, ln_bias, weight, bias, out, R, C, N, stride_xr, stride_wn, stride_wk,
+    x, rows, mean, rstd, ln_weight, ln_bias, weight, bias, out, R, C, N, stride_xr, stride_wn, stride_wk, row_bucket,
     HAS_ROWS: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -127,12 +129,12 @@ def _ln_linear_kernel(
             xn = (a.to(tl.float32) - mu[:, None]) * rs[:, None] * gamma[None, :] + beta[None, :]
             # padding rows (and columns past C) are 0 after the norm, not beta
             a = tl.where(a_inside, xn, 0.0)
-            if not UPCAST:
-                a = a.to(x.dtype.element_ty)
         w = tl.load(w_cols + ks[:, None] * stride_wk, mask=(ks[:, None] < C) & (offs_n[None, :] < N), other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
+        else:  # the dot in weight's dtype: x's, or under autocast the Linear's (x float32)
+            a = a.to(weight.dtype.element_ty)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -191,7 +193,7 @@ def _ln_backward_rows_kernel(
 @triton.autotune(_configs(*_GEMM_BLOCKS), key=_LINEAR_SCATTER_KEY, restore_value=["out"])
 @triton.jit
 def _linear_scatter_kernel(
-    h, rows, weight, bias, residual, out, R, K, N, stride_hr, stride_wn, stride_wk, stride_resr,
+    h, rows, weight, bias, residual, out, R, K, N, stride_hr, stride_wn, stride_wk, stride_resr, row_bucket,
     HAS_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -266,7 +268,8 @@ def _row_arg(rows, fallback):
 
 
 def ln_linear_forward(x, rows, ln_weight, ln_bias, eps: float, weight, bias):
-    """-> out [R, N] in x's dtype, mean and rstd float32 [R] (empty [0] without LayerNorm).
+    """-> out [R, N] in weight's dtype (the GEMM's: x's, or under autocast the Linear's), mean
+    and rstd float32 [R] (empty [0] without LayerNorm).
 
     out[r] = LN(x[rows[r]]) @ weight^T + bias; padding rows (-1) give the bias (0 without).
     x [R0, C] (any row stride); rows int64 [R] or None (all R0 rows); ln_weight, ln_bias [C]
@@ -276,9 +279,9 @@ def ln_linear_forward(x, rows, ln_weight, ln_bias, eps: float, weight, bias):
     C, N = x.shape[1], weight.shape[0]
     has_ln = ln_weight is not None
     mean, rstd = (torch.empty(R if has_ln else 0, dtype=torch.float32, device=x.device) for _ in range(2))
-    out = torch.empty(R, N, dtype=_kernel_dtype(x.dtype), device=x.device)
+    out = torch.empty(R, N, dtype=_kernel_dtype(weight.dtype), device=x.device)
     if R == 0:
-        return out.to(x.dtype), mean, rstd
+        return out.to(weight.dtype), mean, rstd
     rows_arg = _row_arg(rows, x)
     with on_device_of(x):
         if has_ln:
@@ -287,13 +290,13 @@ def ln_linear_forward(x, rows, ln_weight, ln_bias, eps: float, weight, bias):
                 x, rows_arg, mean, rstd, R, C, x.stride(0), float(eps), HAS_ROWS=rows is not None, **blocks
             )
         if N:
-            _ln_linear_kernel[_gemm_grid(R, N)](
+            tuned(_ln_linear_kernel)[_gemm_grid(R, N)](
                 x, rows_arg, mean if has_ln else x, rstd if has_ln else x, ln_weight if has_ln else x,
                 ln_bias if has_ln else x, weight, x if bias is None else bias, out, R, C, N, x.stride(0),
-                weight.stride(0), weight.stride(1), HAS_ROWS=rows is not None, HAS_LN=has_ln,
-                HAS_BIAS=bias is not None, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(x.dtype),
+                weight.stride(0), weight.stride(1), bucket(R), HAS_ROWS=rows is not None, HAS_LN=has_ln,
+                HAS_BIAS=bias is not None, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(weight.dtype),
             )
-    return out.to(x.dtype), mean, rstd
+    return out.to(weight.dtype), mean, rstd
 
 
 def ln_linear_backward(dout, x, rows, ln_weight, ln_bias, mean, rstd, weight, needs_input_grads):
@@ -382,10 +385,10 @@ def linear_scatter_(h, weight, bias, residual, out, rows) -> None:
     # ways, so rows it does not write come back unchanged).
     target = out.float() if _kernel_dtype(out.dtype) != out.dtype else out
     with on_device_of(h):
-        _linear_scatter_kernel[_gemm_grid(R, N)](
+        tuned(_linear_scatter_kernel)[_gemm_grid(R, N)](
             h, _row_arg(rows, h), weight, h if bias is None else bias, h if residual is None else residual, target,
             R, K, N, h.stride(0), weight.stride(0), weight.stride(1), 0 if residual is None else residual.stride(0),
-            HAS_ROWS=rows is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            bucket(R), HAS_ROWS=rows is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             UPCAST=INTERPRET, DOT_PRECISION=dot_precision(h.dtype),
         )
     if target is not out:

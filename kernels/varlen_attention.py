@@ -2,8 +2,11 @@
 rows cu_seqlens[b]:cu_seqlens[b+1]), forward and backward, with the class-attention row as a
 side output of the forward, and the attention each token receives as a second pass.
 
-One program per (query or key block, head, sequence); the number of blocks comes from
-max_seqlen and blocks past a sequence's end exit at once. Head dims that are not a power of
+One program per (sequence and query or key block, head): program axis 0 numbers the blocks
+of each sequence in turn (the number of blocks per sequence comes from max_seqlen, and blocks
+past a sequence's end exit at once), so that any number of sequences fits the grid (CUDA caps
+its other axes at 65535). Offsets that can pass 2**31 elements (a head times a stride or T)
+are int64. Head dims that are not a power of
 two (80, 96) take the next power-of-two tile, masked. Softmax runs in base 2 with log2(e)
 folded into the scale; the saved logsumexp `lse` [H, T] is float32 in natural-log units.
 
@@ -26,46 +29,51 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, LOG2E, LOG2E_CONST, dot_precision, empty_output, load_tile, on_device_of,
-                      store_tile, strides)
+from ._common import (INTERPRET, LOG2E, LOG2E_CONST, autotune_configs, bucket, dot_precision, empty_output,
+                      load_tile, on_device_of, store_tile, strides, tuned)
 
 
 def _configs(*blocks):
     """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) for CUDA; one small fixed
     tile under the interpreter (which cannot autotune), with BLOCK_M != BLOCK_N so that tests
     with short sequences cross block boundaries both ways."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+    return autotune_configs(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks],
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4))
 
 
-# Tuned per head dim and per power-of-two bucket of max_seqlen (not max_seqlen itself, which
-# changes with every pruning decision); the autotuner adds the dtypes to the key.
-_KEY = ["head_dim", "seq_bucket"]
+# Tuned per head dim, per power-of-two bucket of max_seqlen (not max_seqlen itself, which
+# changes with every pruning decision) and of sequences x heads (batch_heads: how many
+# programs share the GPU); the autotuner adds the dtypes to the key.
+_KEY = ["head_dim", "seq_bucket", "batch_heads"]
 
 
 @triton.jit
-def _sequence(cu_seqlens, total_tokens):
-    """(first row, length) of the sequence this program works on (program axis 2), clamped to
-    the T rows so that a cu_seqlens left unchecked (no_index_checks) cannot send a program out
-    of bounds. Rows past max_seqlen are not covered by the grid: they are left unwritten."""
-    seq = tl.program_id(2)
+def _sequence(cu_seqlens, total_tokens, max_seqlen, BLOCK: tl.constexpr):
+    """(block, first row, length) of the sequence block this program works on (program axis
+    0: the cdiv(max_seqlen, BLOCK) blocks of sequence 0, then of sequence 1, ...), the
+    sequence clamped to the T rows so that a cu_seqlens left unchecked (no_index_checks)
+    cannot send a program out of bounds. Rows past max_seqlen are not covered by the grid:
+    they are left unwritten."""
+    blocks = tl.cdiv(max_seqlen, BLOCK)
+    seq = tl.program_id(0) // blocks
     start = tl.minimum(tl.maximum(tl.load(cu_seqlens + seq), 0), total_tokens)
     end = tl.minimum(tl.maximum(tl.load(cu_seqlens + seq + 1), start), total_tokens)
-    return start.to(tl.int64), end - start
+    return tl.program_id(0) % blocks, start.to(tl.int64), end - start
 
 
-@triton.autotune(_configs((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)), key=_KEY)
+@triton.autotune(_configs((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)),
+                 key=_KEY + ["RETURN_CLS"])
 @triton.jit
 def _forward_kernel(
     q, k, v, out, lse, cls_heads, cu_seqlens,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_ot, stride_oh, total_tokens, head_dim, qk_scale, seq_bucket,
+    stride_ot, stride_oh, total_tokens, max_seqlen, head_dim, qk_scale, seq_bucket, batch_heads,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     RETURN_CLS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    m_block, head = tl.program_id(0), tl.program_id(1)
-    start, length = _sequence(cu_seqlens, total_tokens)
+    m_block, start, length = _sequence(cu_seqlens, total_tokens, max_seqlen, BLOCK_M)
+    head = tl.program_id(1).to(tl.int64)
     if m_block * BLOCK_M >= length:
         return
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,13 +121,14 @@ def _forward_kernel(
 def _backward_dq_kernel(
     q, k, v, out, dout, lse, delta, dq, cu_seqlens,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_dot, stride_doh, stride_dod, stride_ot, stride_oh, total_tokens, head_dim, qk_scale, scale, seq_bucket,
+    stride_dot, stride_doh, stride_dod, stride_ot, stride_oh, total_tokens, max_seqlen, head_dim, qk_scale, scale,
+    seq_bucket, batch_heads,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dQ for one query block, and delta = rowsum(dO * O) of its rows for the dK/dV kernel."""
-    m_block, head = tl.program_id(0), tl.program_id(1)
-    start, length = _sequence(cu_seqlens, total_tokens)
+    m_block, start, length = _sequence(cu_seqlens, total_tokens, max_seqlen, BLOCK_M)
+    head = tl.program_id(1).to(tl.int64)
     if m_block * BLOCK_M >= length:
         return
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -157,14 +166,15 @@ def _backward_dq_kernel(
 def _backward_dkdv_kernel(
     q, k, v, dout, lse, delta, dk, dv, cu_seqlens,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-    stride_dot, stride_doh, stride_dod, stride_ot, stride_oh, total_tokens, head_dim, qk_scale, scale, seq_bucket,
+    stride_dot, stride_doh, stride_dod, stride_ot, stride_oh, total_tokens, max_seqlen, head_dim, qk_scale, scale,
+    seq_bucket, batch_heads,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dK and dV for one key block (program axis 0), looping over the sequence's queries;
     scores are computed transposed ([keys, queries]) so no tile needs a transpose after."""
-    n_block, head = tl.program_id(0), tl.program_id(1)
-    start, length = _sequence(cu_seqlens, total_tokens)
+    n_block, start, length = _sequence(cu_seqlens, total_tokens, max_seqlen, BLOCK_N)
+    head = tl.program_id(1).to(tl.int64)
     if n_block * BLOCK_N >= length:
         return
     keys = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,15 +211,16 @@ def _backward_dkdv_kernel(
 @triton.jit
 def _received_kernel(
     q, k, lse, received_heads, cu_seqlens,
-    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, total_tokens, head_dim, qk_scale, seq_bucket,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, total_tokens, max_seqlen, head_dim, qk_scale,
+    seq_bucket, batch_heads,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """For one key block (program axis 0): the mean over the sequence's queries of their
     softmax probability at each key, from the forward's logsumexp (the dK/dV kernel's loop
     without dO, V or the second matmul), into received_heads [H, T]."""
-    n_block, head = tl.program_id(0), tl.program_id(1)
-    start, length = _sequence(cu_seqlens, total_tokens)
+    n_block, start, length = _sequence(cu_seqlens, total_tokens, max_seqlen, BLOCK_N)
+    head = tl.program_id(1).to(tl.int64)
     if n_block * BLOCK_N >= length:
         return
     keys = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -228,15 +239,17 @@ def _received_kernel(
     tl.store(received_heads + head * total_tokens + start + keys, total / length, mask=keys < length)
 
 
-def _shape_args(q, max_seqlen):
-    """Arguments shared by all three kernels: T, D, padded D and the autotune bucket."""
+def _shape_args(q, max_seqlen, num_seqs):
+    """Arguments shared by all the kernels: T, max_seqlen, D, padded D and the autotune buckets."""
     T, H, D = q.shape
-    return dict(total_tokens=T, head_dim=D, seq_bucket=triton.next_power_of_2(max_seqlen),
-                BLOCK_D=max(16, triton.next_power_of_2(D)), UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype))
+    return dict(total_tokens=T, max_seqlen=max_seqlen, head_dim=D, seq_bucket=bucket(max_seqlen),
+                batch_heads=bucket(num_seqs * H), BLOCK_D=max(16, triton.next_power_of_2(D)), UPCAST=INTERPRET,
+                DOT_PRECISION=dot_precision(q.dtype))
 
 
 def _grid(block: str, num_heads: int, max_seqlen: int, num_seqs: int):
-    return lambda meta: (triton.cdiv(max_seqlen, meta[block]), num_heads, num_seqs)
+    """(sequences x their blocks, heads): see _sequence."""
+    return lambda meta: (num_seqs * triton.cdiv(max_seqlen, meta[block]), num_heads)
 
 
 def forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, return_cls_attn: bool):
@@ -248,10 +261,11 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, return_cls_attn:
     lse = torch.empty(H, T, dtype=torch.float32, device=q.device)
     cls_heads = torch.empty(H, T if return_cls_attn else 0, dtype=torch.float32, device=q.device)
     if T:
+        num_seqs = cu_seqlens.numel() - 1
         with on_device_of(q):
-            _forward_kernel[_grid("BLOCK_M", H, max_seqlen, cu_seqlens.numel() - 1)](
+            tuned(_forward_kernel)[_grid("BLOCK_M", H, max_seqlen, num_seqs)](
                 q, k, v, out, lse, cls_heads, cu_seqlens, *strides(q, k, v), H * D, D,
-                qk_scale=scale * LOG2E, RETURN_CLS=return_cls_attn, **_shape_args(q, max_seqlen),
+                qk_scale=scale * LOG2E, RETURN_CLS=return_cls_attn, **_shape_args(q, max_seqlen, num_seqs),
             )
     return out.to(q.dtype), lse, cls_heads.mean(0) if return_cls_attn else cls_heads.new_empty(0)
 
@@ -263,13 +277,13 @@ def backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float)
     dq, dk, dv = (empty_output(q) for _ in range(3))
     if T:
         delta = torch.empty_like(lse)
-        args = dict(qk_scale=scale * LOG2E, scale=scale, **_shape_args(q, max_seqlen))
         num_seqs = cu_seqlens.numel() - 1
+        args = dict(qk_scale=scale * LOG2E, scale=scale, **_shape_args(q, max_seqlen, num_seqs))
         with on_device_of(q):
-            _backward_dq_kernel[_grid("BLOCK_M", H, max_seqlen, num_seqs)](
+            tuned(_backward_dq_kernel)[_grid("BLOCK_M", H, max_seqlen, num_seqs)](
                 q, k, v, out, dout, lse, delta, dq, cu_seqlens, *strides(q, k, v, dout), H * D, D, **args
             )
-            _backward_dkdv_kernel[_grid("BLOCK_N", H, max_seqlen, num_seqs)](
+            tuned(_backward_dkdv_kernel)[_grid("BLOCK_N", H, max_seqlen, num_seqs)](
                 q, k, v, dout, lse, delta, dk, dv, cu_seqlens, *strides(q, k, v, dout), H * D, D, **args
             )
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
@@ -283,9 +297,10 @@ def forward_received(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
     cu_seqlens = cu_seqlens.contiguous()
     received_heads = torch.empty(H, T, dtype=torch.float32, device=q.device)
     if T:
+        num_seqs = cu_seqlens.numel() - 1
         with on_device_of(q):
-            _received_kernel[_grid("BLOCK_N", H, max_seqlen, cu_seqlens.numel() - 1)](
+            tuned(_received_kernel)[_grid("BLOCK_N", H, max_seqlen, num_seqs)](
                 q, k, lse, received_heads, cu_seqlens, *strides(q, k), qk_scale=scale * LOG2E,
-                **_shape_args(q, max_seqlen),
+                **_shape_args(q, max_seqlen, num_seqs),
             )
     return out, lse, received_heads.mean(0)

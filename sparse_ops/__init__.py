@@ -3,6 +3,7 @@ vision transformers into wall-clock speed. Everything sparse is a list of rows o
 ``x.reshape(-1, C)``; see README.md for the API."""
 from ._backend import backends
 from ._checks import no_index_checks
+from ._export import ExportError  # noqa: F401 (raised where tracing or export is refused)
 from .attention import varlen_attention, window_attention
 from .fused import gather_layernorm_linear, linear_residual_scatter
 from .layout import TokenIndex, window_grid

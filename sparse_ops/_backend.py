@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from . import reference
+from ._export import exporting
 
 log = logging.getLogger("sparse_ops")
 
@@ -99,8 +100,9 @@ def has_kernel(name: str, device_type: str) -> bool:
 
 
 def kernel(name: str, device_type: str):
-    """The implementation of a compiled op for tensors on device_type."""
-    if has_kernel(name, device_type):
+    """The implementation of a compiled op for tensors on device_type (the reference while
+    exporting: see sparse_ops._export)."""
+    if has_kernel(name, device_type) and not exporting():
         return getattr(torch.ops.sparse_ops, name).default
     return getattr(reference, name)
 

@@ -73,9 +73,12 @@ def index(value, name: str, ndim: int, what: str) -> torch.Tensor:
     return tensor(value, name, ndim, what, dtypes=(torch.int64,))
 
 
-def same_device(**tensors: torch.Tensor) -> None:
-    (first, t0), *rest = tensors.items()
-    for name, t in rest:
+def same_device(**tensors) -> None:
+    """The tensors among the arguments are on one device (None, and anything else that is
+    not a tensor, is skipped: its own check names it). Asked before any index value is read."""
+    present = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)]
+    for name, t in present[1:]:
+        first, t0 = present[0]
         if t.device != t0.device:
             raise ValueError(f"{name} is on {t.device} but {first} is on {t0.device}")
 

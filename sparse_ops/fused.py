@@ -19,8 +19,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _checks as check
-from . import _packed_linear
+from . import _autocast, _checks as check
+from . import _packed_linear, reference
+from ._export import exporting
 from ._backend import kernel
 from .attention._dispatch import calls_directly, implementation, op_or_direct
 
@@ -36,7 +37,15 @@ def _gather(x: Tensor, rows: Optional[Tensor]) -> Tensor:
 def layernorm_linear(x: Tensor, rows: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                      eps: float, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Unchecked ``LN(x[rows]) @ weight.T + bias`` (see gather_layernorm_linear): the custom op,
-    or where _dispatch.calls_directly its implementation."""
+    or where _dispatch.calls_directly its implementation. Under autocast the Linear runs in
+    autocast's dtype, the LayerNorm on x as given (see sparse_ops._autocast)."""
+    if exporting():  # standard ops only (sparse_ops._export), which torch's autocast casts itself
+        return reference.gather_layernorm_linear(x, rows, ln_weight, ln_bias, weight, bias, eps)
+    low = _autocast.dtype(x)
+    if low is not None:
+        weight, bias = _autocast.cast(low, weight, bias)
+        with _autocast.off(x.device.type):
+            return layernorm_linear(x, rows, ln_weight, ln_bias, eps, weight, bias)
     run = op_or_direct(_ln_linear_op, "fused_linear", "ln_linear_forward", _ln_linear_forward_torch,
                        x, ln_weight, ln_bias, weight, bias)
     return run(x, rows, ln_weight, ln_bias, eps, weight, bias)[0]
@@ -45,7 +54,15 @@ def layernorm_linear(x: Tensor, rows: Optional[Tensor], ln_weight: Optional[Tens
 def linear_scatter(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], base: Tensor,
                    rows: Optional[Tensor]) -> Tensor:
     """Unchecked: a copy of base with ``out[rows] = residual + h @ weight.T + bias``: the custom
-    op, or where _dispatch.calls_directly what it runs."""
+    op, or where _dispatch.calls_directly what it runs. Under autocast the Linear runs in
+    autocast's dtype; residual, base and out keep theirs."""
+    if exporting():  # standard ops only (sparse_ops._export)
+        return reference.linear_residual_scatter(h, weight, bias, base, rows, residual)
+    low = _autocast.dtype(h)
+    if low is not None:
+        h, weight, bias = _autocast.cast(low, h, weight, bias)
+        with _autocast.off(h.device.type):
+            return linear_scatter(h, weight, bias, residual, base, rows)
     run = _linear_scatter_copy if calls_directly(h, weight, bias, residual, base) else _linear_scatter_op
     return run(h, weight, bias, residual, base, rows)
 
@@ -53,7 +70,16 @@ def linear_scatter(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
 def linear_scatter_(h: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], out: Tensor,
                     rows: Optional[Tensor]) -> None:
     """Unchecked in-place ``out[rows] = residual + h @ weight.T + bias`` (autograd off for these
-    tensors): the custom op, or where _dispatch.calls_directly its implementation."""
+    tensors): the custom op, or where _dispatch.calls_directly its implementation. Autocast
+    as linear_scatter."""
+    if exporting():  # standard ops only (sparse_ops._export)
+        out.copy_(reference.linear_residual_scatter(h, weight, bias, out, rows, residual))
+        return
+    low = _autocast.dtype(h)
+    if low is not None:
+        h, weight, bias = _autocast.cast(low, h, weight, bias)
+        with _autocast.off(h.device.type):
+            return linear_scatter_(h, weight, bias, residual, out, rows)
     run = op_or_direct(_linear_scatter_inplace_op, "fused_linear", "linear_scatter_", _linear_scatter_torch,
                        h, weight, bias, residual, out)
     run(h, weight, bias, residual, out, rows)
@@ -80,7 +106,9 @@ def _ln_linear_forward_torch(x, rows, ln_weight, ln_bias, eps, weight, bias):
         mean, rstd = mean.view(-1).to(stat), rstd.view(-1).to(stat)
         if _has_padding(rows):  # padding rows are zero after the norm (xn is ours to write)
             xn.masked_fill_((rows < 0).unsqueeze(1), 0)
-    return _packed_linear.linear(xn, weight, bias), mean, rstd
+    # the GEMM in weight's dtype: x's, or under autocast the Linear's (x stays float32);
+    # x requiring grad: autograd records this op (a training step), no packed weight
+    return _packed_linear.linear(xn.to(weight.dtype), weight, bias, recorded=x.requires_grad), mean, rstd
 
 
 def _ln_linear_backward_torch(dout, x, rows, ln_weight, ln_bias, mean, rstd, weight, needs_input_grads):
@@ -115,7 +143,9 @@ def _ln_linear_backward_torch(dout, x, rows, ln_weight, ln_bias, mean, rstd, wei
 def _linear_scatter_torch(h, weight, bias, residual, out, rows):
     acc = _stat_dtype(h.dtype)  # one rounding at the end, as the kernel does
     res = (residual if residual is not None else _gather(out, rows)).to(acc)
-    y = _packed_linear.linear(h.to(acc), weight.to(acc), None if bias is None else bias.to(acc), res).to(out.dtype)
+    recorded = h.requires_grad or res.requires_grad  # autograd records this op: no packed weight
+    y = _packed_linear.linear(h.to(acc), weight.to(acc), None if bias is None else bias.to(acc), res,
+                              recorded=recorded).to(out.dtype)
     if rows is None:
         out.copy_(y)
     elif _has_padding(rows):
@@ -129,7 +159,8 @@ def _linear_scatter_torch(h, weight, bias, residual, out, rows):
 @torch.library.custom_op("sparse_ops::layernorm_linear_fwd", mutates_args=())
 def _ln_linear_op(x: Tensor, rows: Optional[Tensor], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                   eps: float, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """-> out [R, N], and each gathered row's mean and rstd (float32 [R]; empty without a norm)."""
+    """-> out [R, N] in weight's dtype (x's, except under autocast), and each gathered row's
+    mean and rstd (float32 [R]; empty without a norm)."""
     forward = implementation("fused_linear", x, "ln_linear_forward", _ln_linear_forward_torch)
     return forward(x, rows, ln_weight, ln_bias, eps, weight, bias)
 
@@ -139,7 +170,8 @@ def _ln_linear_fake(x, rows, ln_weight, ln_bias, eps, weight, bias):
     R = x.shape[0] if rows is None else rows.shape[0]
     stat = _stat_dtype(x.dtype)
     n_stat = 0 if ln_weight is None else R
-    return x.new_empty(R, weight.shape[0]), x.new_empty(n_stat, dtype=stat), x.new_empty(n_stat, dtype=stat)
+    return (x.new_empty(R, weight.shape[0], dtype=weight.dtype), x.new_empty(n_stat, dtype=stat),
+            x.new_empty(n_stat, dtype=stat))
 
 
 @torch.library.custom_op("sparse_ops::layernorm_linear_bwd", mutates_args=())
@@ -223,8 +255,8 @@ def _linear_scatter_backward(ctx, grad):
     dh = dweight = dbias = dresidual = dbase = None
     if n[0]:  # grad[rows] @ W: the gather fused into the GEMM's load
         dh = _ln_linear_op(grad, rows, None, None, 0.0, weight.t(), None)[0]
-    if n[1]:
-        dweight = (g.t() @ h).to(weight.dtype)
+    if n[1]:  # (under autocast g has base's dtype, h the Linear's: the GEMM in h's, as autocast's)
+        dweight = (g.to(h.dtype).t() @ h).to(weight.dtype)
     if n[2] and ctx.has_bias:
         dbias = g.sum(0).to(weight.dtype)
     if n[3] and ctx.has_residual:
@@ -268,7 +300,8 @@ def gather_layernorm_linear(x: Tensor, rows: Optional[Tensor], norm_weight: Opti
                             norm_bias: Optional[Tensor], weight: Tensor, bias: Optional[Tensor] = None,
                             eps: float = 1e-5) -> Tensor:
     """``LayerNorm(x[rows]) @ weight.T + bias`` -> [R, N] in x's dtype, without writing the
-    gathered or normalised rows.
+    gathered or normalised rows. Under torch.autocast: the Linear in autocast's dtype (so is
+    the output), the LayerNorm in float32 on x as given (its parameters may be float32).
 
     x: [R0, C] (rows of a dense activation, unit column stride); rows: int64 [R], -1 for a
     padding row (zero after the norm, so its output is the bias), or None for every row of x
@@ -276,16 +309,18 @@ def gather_layernorm_linear(x: Tensor, rows: Optional[Tensor], norm_weight: Opti
     affine parameters (both None: no norm, a gathered Linear). weight [N, C], bias [N] or None.
     """
     check.tensor(x, "x", 2, "[R, C]")
-    _check_linear(weight, bias, x.shape[1], x.dtype, "x")
+    low = _autocast.dtype(x)
+    weight, bias = _autocast.cast(low, weight, bias)  # as F.linear under autocast
+    _check_linear(weight, bias, x.shape[1], low or x.dtype, "autocast" if low else "x")
     if (norm_weight is None) != (norm_bias is None):
         raise ValueError("pass both norm_weight and norm_bias, or neither")
     if norm_weight is not None:
         for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-            check.tensor(t, name, 1, "[C]", dtypes=(x.dtype,))
+            check.tensor(t, name, 1, "[C]", dtypes=(x.dtype,) if low is None else (x.dtype, torch.float32))
             if t.shape[0] != x.shape[1]:
                 raise ValueError(f"{name} must have shape [{x.shape[1]}] (x's C), got {list(t.shape)}")
+    check.same_device(x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias, rows=rows)
     _check_rows(rows, "rows", x.shape[0], unique=False)
-    check.same_device(x=x, weight=weight, **({} if rows is None else {"rows": rows}))
     if x.stride(1) != 1:
         x = x.contiguous()
     return layernorm_linear(x, rows, norm_weight, norm_bias, float(eps), weight, bias)
@@ -299,16 +334,20 @@ def linear_residual_scatter(h: Tensor, weight: Tensor, bias: Optional[Tensor], b
 
     inplace=True writes into base and returns it (no other memory is touched: pruned rows
     cost nothing); it needs autograd off for these tensors. Otherwise a new tensor.
+    Under torch.autocast h, weight and bias are cast to autocast's dtype (the GEMM's);
+    residual, base and the output keep base's dtype, as timm's ``x + linear(h)``.
     """
     check.tensor(h, "h", 2, "[R, K]")
     check.tensor(base, "base", 2, "[R0, N]")
+    low = _autocast.dtype(h)
+    h, weight, bias = _autocast.cast(low, h, weight, bias)  # as F.linear under autocast
     _check_linear(weight, bias, h.shape[1], h.dtype, "h")
     if weight.shape[0] != base.shape[1]:
         raise ValueError(f"weight must have base's {base.shape[1]} output features, got shape {list(weight.shape)}")
     R = base.shape[0] if rows is None else rows.shape[0]
     if h.shape[0] != R:
         raise ValueError(f"h must have one row per entry of rows ({R}), got {h.shape[0]}")
-    if h.dtype != base.dtype:
+    if h.dtype != base.dtype and low is None:  # under autocast base keeps its dtype
         raise TypeError(f"h must have base's dtype {base.dtype}, got {h.dtype}")
     if residual is not None:
         check.tensor(residual, "residual", 2, "[R, N]")
@@ -316,8 +355,8 @@ def linear_residual_scatter(h: Tensor, weight: Tensor, bias: Optional[Tensor], b
             raise ValueError(f"residual must have shape [{R}, {base.shape[1]}], got {list(residual.shape)}")
         if residual.dtype != base.dtype:
             raise TypeError(f"residual must have base's dtype {base.dtype}, got {residual.dtype}")
+    check.same_device(base=base, h=h, weight=weight, bias=bias, residual=residual, rows=rows)
     _check_rows(rows, "rows", base.shape[0], unique=True)
-    check.same_device(base=base, h=h, weight=weight, **({} if rows is None else {"rows": rows}))
     if h.stride(1) != 1:
         h = h.contiguous()
     if not inplace:

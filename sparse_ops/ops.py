@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from . import _checks as check
+from . import _autocast, _checks as check
 from . import reference
 from ._backend import extension, kernel
 from .layout import Pair, TokenIndex, to_pair, window_grid
@@ -62,10 +62,12 @@ def _window_args(height: int, width: int, window_size: Pair, shift_size: Pair):
     return [wh, ww], [sh, sw]
 
 
-def _check_windows(windows: torch.Tensor, height: int, width: int, window_size, batch=None) -> None:
+def _check_windows(windows: torch.Tensor, height: int, width: int, window_size, batch=None, **same_device_as) -> None:
+    """windows' type, shape and ids; same_device_as: the image tensor (checked before ids are read)."""
     check.index(windows, "windows", 2, "[B, K] window ids")
     if batch is not None and windows.shape[0] != batch:
         raise ValueError(f"windows must have one row per image ({batch}), got shape {list(windows.shape)}")
+    check.same_device(**same_device_as, windows=windows)
     gh, gw = window_grid(height, width, window_size)
     check.in_range(windows, "windows", 0, gh * gw)
 
@@ -96,8 +98,7 @@ def gather_windows(x: torch.Tensor, windows: torch.Tensor, window_size: Pair, sh
     check.tensor(x, "x", 4, "[B, H, W, C]")
     B, H, W, C = x.shape
     ws, ss = _window_args(H, W, window_size, shift_size)
-    _check_windows(windows, H, W, ws, batch=B)
-    check.same_device(x=x, windows=windows)
+    _check_windows(windows, H, W, ws, batch=B, x=x)
     rows = kernel("window_rows", x.device.type)(windows, H, W, ws, ss)
     out = kernel("gather_rows", x.device.type)(x.reshape(-1, C), rows)
     return out.view(B * windows.shape[1], ws[0] * ws[1], C)
@@ -110,7 +111,7 @@ def scatter_windows(y: torch.Tensor, base: torch.Tensor, windows: torch.Tensor, 
     check.tensor(base, "base", 4, "[B, H, W, C]")
     B, H, W, C = base.shape
     ws, ss = _window_args(H, W, window_size, shift_size)
-    _check_windows(windows, H, W, ws, batch=B)
+    _check_windows(windows, H, W, ws, batch=B, base=base)
     check.unique_windows(windows, "windows")
     check.tensor(y, "y", 4 if isinstance(y, torch.Tensor) and y.dim() == 4 else 3, "[B*K, wh*ww, C]")
     expected = (B * windows.shape[1], ws[0] * ws[1], C)
@@ -172,9 +173,14 @@ def package_tokens(x: torch.Tensor, scores: torch.Tensor, idx: TokenIndex) -> to
         raise ValueError("scores must be non-negative (they weight the pruned tokens)")
     acc = torch.float64 if scores.dtype == torch.float64 or x.dtype == torch.float64 else torch.float32
     w = scores.to(acc) * ~idx.keep_mask()
-    w = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-    # the weighted sum in acc too: weights rounded to fp16/bf16 erred several times the output's rounding
-    return torch.bmm(w.unsqueeze(1), x.to(acc)).squeeze(1).to(x.dtype)
+    total = w.sum(1, keepdim=True)
+    # an image with no pruned score mass (its weights all zero) gets zeros, and zero gradients
+    # (dividing by a clamped total gave NaN or ~1e307 ones there)
+    w = w / torch.where(total > 0, total, 1)
+    # the weighted sum in acc too: weights rounded to fp16/bf16 erred several times the output's
+    # rounding (so autocast, which would run bmm in them, is off)
+    with _autocast.off(x.device.type):
+        return torch.bmm(w.unsqueeze(1), x.to(acc)).squeeze(1).to(x.dtype)
 
 
 # ------------------------------------------------- autograd and fake implementations
@@ -233,7 +239,7 @@ def _register_compiled_ops() -> None:
         x, scores = ctx.saved_tensors
         B, H, W, C = x.shape
         window_of_token = _window_of_token(H, W, ctx.window_size, ctx.shift_size, x.device)
-        coef = grad / scores.clamp_min(torch.finfo(scores.dtype).tiny)
+        coef = torch.where(scores > 0, grad / torch.where(scores > 0, scores, 1), 0)  # 0 at a zero norm, as torch's
         m = x.to(scores.dtype).abs().mean(-1)
         g = coef[:, window_of_token].view(B, H, W) * m / C
         return (g.unsqueeze(-1) * x.sgn()).to(x.dtype), None, None

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import TokenIndex, to_pair
+from .select import kept_count
 
 
 # ----------------------------------------------------------------------------- rows
@@ -73,7 +74,7 @@ def window_scores(x: torch.Tensor, window_size, shift_size) -> torch.Tensor:
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     m = x.to(dtype).abs().mean(-1, keepdim=True)  # [B, H, W, 1]
     windows = _partition(_to_frame(m, window_size, shift_size), window_size)
-    return windows.square().sum((2, 3)).sqrt()
+    return torch.linalg.vector_norm(windows, dim=(2, 3))  # its gradient at a zero norm: 0, not NaN
 
 
 def gather_windows(x: torch.Tensor, windows: torch.Tensor, window_size, shift_size) -> torch.Tensor:
@@ -97,11 +98,12 @@ def scatter_windows(y: torch.Tensor, base: torch.Tensor, windows: torch.Tensor, 
 def pruned_block_output(x: torch.Tensor, out: torch.Tensor, ranked_on: torch.Tensor, window_size, shift_size,
                         sparsity: float) -> torch.Tensor:
     """What a Swin block pruning `sparsity` of its windows returns, from the dense block's
-    output: out [B, H, W, C] on the ceil((1 - sparsity) * nW) windows of the block's grid
-    (float error aside) ranking highest by window_scores of ranked_on (its stage's input), its input x elsewhere."""
+    output: out [B, H, W, C] on the kept_count(1 - sparsity, nW) windows of the block's grid
+    (ceil((1 - sparsity) * nW), float error aside) ranking highest by window_scores of
+    ranked_on (its stage's input), its input x elsewhere."""
     scores = window_scores(ranked_on, window_size, shift_size)
     num_windows = scores.shape[1]
-    kept = scores.topk(min(num_windows, math.ceil((1 - sparsity) * num_windows - 1e-9)), dim=1).indices
+    kept = scores.topk(kept_count(1 - sparsity, num_windows), dim=1).indices
     inside = scatter_windows(x.new_ones(kept.numel(), math.prod(to_pair(window_size)), 1),
                              x.new_zeros(*x.shape[:3], 1), kept, window_size, shift_size)
     return torch.where(inside.bool(), out, x)
@@ -125,24 +127,23 @@ def package_tokens(x: torch.Tensor, scores: torch.Tensor, idx: TokenIndex) -> to
         pruned[kept] = False
         w = scores[b][pruned].to(torch.float64)
         total = w.sum()
-        if total > 0:
-            out.append(((w / total)[:, None] * x[b][pruned].to(torch.float64)).sum(0))
-        else:
-            out.append(x.new_zeros(C, dtype=torch.float64))
+        weights = w / total if total > 0 else w * 0  # nothing to average: zeros, and zero gradients
+        out.append((weights[:, None] * x[b][pruned].to(torch.float64)).sum(0))
     return torch.stack(out).to(x.dtype) if B else x.new_zeros(0, C)
 
 
 def select_tokens(scores: torch.Tensor, keep_rate=None, mass=None, keep_prefix: int = 1, min_keep: int = 1) -> TokenIndex:
     """One image at a time: sort the candidates (tokens after the prefix) by score and keep
-    ceil(keep_rate * candidates) of them, or the fewest whose share of the score mass
-    reaches `mass`; at least min_keep, at most all."""
+    kept_count(keep_rate, candidates) of them (the op's rule: ceil(keep_rate * candidates),
+    float error aside), or the fewest whose share of the score mass reaches `mass`; at least
+    min_keep, at most all."""
     B, N = scores.shape
     candidates = N - keep_prefix
     kept = []
     for b in range(B):
         order = torch.argsort(scores[b, keep_prefix:].to(torch.float64), descending=True, stable=True)
         if keep_rate is not None:
-            k = math.ceil(keep_rate * candidates)
+            k = kept_count(keep_rate, candidates)
         else:
             s = scores[b, keep_prefix:].to(torch.float64)[order]
             share = s.cumsum(0) / s.sum() if candidates else s
@@ -214,7 +215,7 @@ def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None):
 def gather_layernorm_linear(x, rows, norm_weight, norm_bias, weight, bias=None, eps=1e-5):
     xg = x if rows is None else gather_rows(x, rows)
     if norm_weight is not None:
-        xg = F.layer_norm(xg, (x.shape[1],), norm_weight, norm_bias, eps)
+        xg = F.layer_norm(xg, norm_weight.shape, norm_weight, norm_bias, eps)  # (static in a jit trace)
         if rows is not None:
             xg = xg * (rows >= 0).unsqueeze(1).to(xg.dtype)  # padding rows are zero after the norm
     return F.linear(xg, weight, bias)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import pytest
 import torch
@@ -92,3 +93,26 @@ def nan_outputs(monkeypatch):
 def with_grad(*tensors, dtype=None):
     """Fresh leaves (optionally cast) that require grad."""
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def fresh_process_env() -> dict:
+    """The environment of a test's child process that runs code as a user does: without
+    TRITON_INTERPRET, and on one thread: on a busy machine two OpenMP threads that wait for
+    each other at every barrier ran a training step 7x slower than one (load 12 on 2 cores)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_within_budget(command, budget_s: float, what: str, **kwargs):
+    """subprocess.run for a test that must not fail on wall-clock time alone: the limit is
+    budget_s (what a quiet machine needs, with room) times the load per core when the run
+    starts, and a run past it skips the test, saying so, instead of failing it."""
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    limit = budget_s * max(1.0, load)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=limit, **kwargs)
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""  # bytes even with text=True
+        pytest.skip(f"{what} still running after {limit:.0f} s ({budget_s:.0f} s x load {max(1.0, load):.1f} per "
+                    f"core): too slow here to judge, not a failure; its stderr ended: {stderr[-2000:]!r}")

@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparse_ops
-from benchmarks import baselines, flops
+from benchmarks import baselines, flops, report
 from benchmarks.__main__ import main
 from benchmarks.core import Case, Config, Setup, Unavailable
 from benchmarks.suites import SUITES
@@ -210,7 +210,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick_run")
     terminal = io.StringIO()
     with contextlib.redirect_stdout(terminal):
-        status = main(["--quick", "--case", f"{SMOKE},{PEERS}", "--out", str(out)])
+        status = main(["--quick", "--flex", "--case", f"{SMOKE},{PEERS}", "--out", str(out)])
     return status, out, terminal.getvalue()
 
 
@@ -224,6 +224,7 @@ def test_quick_run_writes_results_tables_and_plots(quick_run):
     assert data["schema_version"] == 1
     assert env["device_type"] == "cpu" and env["dtype"] == "float32" and env["torch"] == torch.__version__
     assert env["timm"] == timm.__version__ and env["git_commit"] and "--quick" in env["command"]
+    assert env["cpu_threads"] == 1 and ", 1 CPU threads, " in markdown  # the README table's thread count
     assert sorted(records) == sorted([
         "ops/gather_tokens/2x17x16/s0.5", "attention/varlen/vit_test/b2/fwd+bwd",
         "blocks/swin_test/b1/stage0/s0.0", "blocks/swin_test/b1/stage0/s0.5",
@@ -356,3 +357,104 @@ def test_peers_run_beside_ours_and_agree(quick_run):
         {"dense": "ok", "naive": "ok", "flex": "ok", "ours": "ok"}
     assert 0 < backbone["sparsity"] < 1 and set(backbone["overheads"]) == {"ours/naive", "ours/flex"}
     assert "| ours/flex overhead |" in markdown
+
+
+# ------------------------------------------------------------ noise: flags and plots
+def timed(median, q25=None, q75=None, speedup=None, efficiency=None) -> dict:
+    """A method's record as run.py writes it (only what the report reads)."""
+    return {"status": "ok", "median_s": median, "q25_s": median if q25 is None else q25,
+            "q75_s": median if q75 is None else q75, "speedup": speedup, "efficiency": efficiency}
+
+
+def case_record(**methods) -> dict:
+    return {"name": "models/x/b1/keep0.5", "baseline": "dense", "error": None, "methods": methods}
+
+
+def test_rows_with_a_wide_spread_or_above_their_ideal_are_unreliable():
+    quiet = timed(1.0, 0.95, 1.05)  # ±5 %
+    record = case_record(dense=quiet, naive=timed(0.5, 0.46, 0.54, 2.0, 0.9),  # ±8 %
+                         ours=timed(0.4, 0.39, 0.41, 2.5, 1.1), slow=timed(1.0, 0.7, 1.3, 1.0, 0.5),
+                         copy={"status": "unavailable", "reason": "-"})
+    assert report.spread(record["methods"]["slow"]) == pytest.approx(0.3)
+    assert report.unreliable(record, "dense") == [] and report.unreliable(record, "naive") == []
+    assert report.unreliable(record, "ours") == ["efficiency 110% > 100 %"]
+    assert report.unreliable(record, "slow") == ["spread ±30.0 %"]
+    assert report.unreliable(record, "copy") == []
+    # a noisy baseline makes every speedup over it unreliable
+    record["methods"]["dense"] = timed(1.0, 0.8, 1.2)
+    assert report.unreliable(record, "dense") == ["spread ±20.0 %"]
+    assert report.unreliable(record, "naive") == ["dense's spread ±20.0 %"]
+
+
+def test_unreliable_rows_are_marked_in_the_table_and_listed_with_advice():
+    record = case_record(dense=timed(1.0, 0.95, 1.05, 1.0), ours=timed(0.4, 0.2, 0.6, 2.5, 1.25))
+    record.update(ideal_speedup=2.0, overheads={})
+    for m in record["methods"].values():
+        m.update(min_s=m["q25_s"], max_s=m["q75_s"], gbps=None, pct_of_copy=None, peak_mem_bytes=None)
+    suite = types.SimpleNamespace(MEMORY_BOUND=False)
+    rows = report.case_rows(record, report.columns(suite, "cpu")).splitlines()
+    assert rows[0].endswith("|  |") and "⚠ spread ±50.0 %; ⚠ efficiency 125% > 100 %" in rows[1]
+    section = report.unreliable_section([record, {**record, "error": {"error": "x"}}])
+    assert "1 rows are marked ⚠" in section and "--rounds" in section and "quiet machine" in section
+    assert "- models/x/b1/keep0.5 ours: spread ±50.0 %; efficiency 125% > 100 %" in section
+    record["methods"]["ours"] = timed(0.5, 0.49, 0.51, 2.0, 1.0)
+    assert report.unreliable_section([record]) == ""
+
+
+def test_plot_axis_is_clipped_only_above_twice_the_ideal():
+    assert report.axis_limit([1.2, 1.9, 2.3], [1.3, 2.5]) is None
+    assert report.axis_limit([1.2, 1.9, 311.24], [1.3, 2.5]) == 5.0  # a noisy round's 311x
+    assert report.axis_limit([1.0, 1.1, 1.3, 9.0], []) == pytest.approx(3 * 1.3)  # no ideal: the median's 3x
+    assert report.axis_limit([], [2.0]) is None
+    record = case_record(dense=timed(1.0), ours=timed(0.5, 0.4, 0.625, 2.0))
+    assert report.speedup_band(record, "ours") == (1.6, 2.0, 2.5)
+
+
+def test_plot_with_an_outlier_writes_error_bars_and_says_it_clipped(tmp_path, monkeypatch):
+    records = []
+    for sparsity, ours in ((0.0, timed(1.0, 0.9, 1.1, 1.0)), (0.5, timed(0.01, 0.005, 0.02, 100.0))):
+        records.append({**case_record(dense=timed(1.0, speedup=1.0), ours=ours), "suite": "models", "group": "g",
+                        "sparsity": sparsity, "ideal_speedup": 1 + sparsity})
+    titles, errorbars = [], []
+    original = report.plt.Axes.errorbar
+    monkeypatch.setattr(report.plt.Axes, "set_title", lambda self, text, **kw: titles.append(text))
+    monkeypatch.setattr(report.plt.Axes, "errorbar",
+                        lambda self, *a, **kw: errorbars.append((a, kw)) or original(self, *a, **kw))
+    names = report.plot(records, {"models": types.SimpleNamespace(X_LABEL="x")}, tmp_path,
+                        {"device": "cpu", "dtype": "float32"})
+    assert names == ["speedup_models_g.png"] and (tmp_path / names[0]).exists()
+    assert "error bars: IQR" in titles[0] and "axis clipped at 3.00×" in titles[0]
+    (x, shown), kw = errorbars[0]
+    assert list(shown) == [1.0, 3.0]  # the outlier sits at the edge
+    assert kw["yerr"][0][0] == pytest.approx(1.0 - 1 / 1.1) and kw["yerr"][1][0] == pytest.approx(1 / 0.9 - 1.0)
+
+
+def test_threads_and_rounds_options(tmp_path, monkeypatch):
+    from benchmarks import __main__ as harness
+    from benchmarks.timing import budget
+    assert budget("cpu", False, 12).min_rounds == 12 and budget("cpu", False).min_rounds == 5
+    assert budget("cpu", True, 7).max_rounds == 7
+    seen = {}
+    monkeypatch.setattr(harness, "_run", lambda cases, cfg, argv, out: seen.update(
+        threads=torch.get_num_threads(), rounds=cfg.rounds, flex=cfg.flex) or 0)
+    before = torch.get_num_threads()
+    main(["--quick", "--case", "ops/gather_tokens", "--out", str(tmp_path)])
+    assert seen == {"threads": harness.CPU_THREADS, "rounds": None, "flex": False}  # --quick: no flex compiles
+    assert torch.get_num_threads() == before
+    main(["--quick", "--case", "ops/gather_tokens", "--threads", "2", "--rounds", "4", "--flex", "--out", str(tmp_path)])
+    assert seen == {"threads": 2, "rounds": 4, "flex": True}
+    main(["--case", "ops/gather_tokens", "--out", str(tmp_path)])
+    assert seen["flex"] is True
+    with pytest.raises(SystemExit):
+        main(["--quick", "--threads", "0"])
+
+
+def test_quick_leaves_out_the_flex_peers():
+    """--quick's default: FlexAttention's CPU compiles were most of a quick run's time."""
+    from benchmarks.core import NO_FLEX
+    cfg = Config("cpu", torch.float32, True, False, flex=False)
+    cases = [c for suite in SUITES.values() for c in suite.cases(cfg)
+             if c.name in ("attention/varlen/vit_test/b2/fwd", "models/swin_test/b1/s0.5")]
+    assert len(cases) == 2
+    for case in cases:
+        assert case.build().methods["flex"] is NO_FLEX, case.name

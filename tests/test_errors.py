@@ -101,3 +101,75 @@ def test_no_index_checks_still_guards_memory():
             sparse_ops.gather_rows(x2, torch.tensor([0, 6]))
         with pytest.raises(RuntimeError, match="out of range"):
             sparse_ops.window_rows(torch.tensor([[5]]), 9, 9, 7)
+
+
+def valid_calls():
+    """Each public op with valid keyword arguments: op name -> (op, arguments)."""
+    x3, scores = torch.randn(2, 6, 4), torch.rand(2, 6)
+    tokens = sparse_ops.select_tokens(scores, keep_rate=0.5)
+    x4, win, rows3 = torch.randn(2, 8, 8, 4), torch.tensor([[0, 3], [1, 2]]), torch.tensor([0, -1, 5])
+    qkv = {name: torch.randn(5, 2, 4) for name in "qkv"}
+    windowed = {name: torch.randn(3, 2, 4, 4) for name in "qkv"}
+    return {
+        "gather_rows": (sparse_ops.gather_rows, dict(x=torch.randn(6, 4), rows=rows3)),
+        "scatter_rows": (sparse_ops.scatter_rows, dict(y=torch.randn(3, 4), rows=rows3, base=torch.randn(6, 4))),
+        "scatter_add_rows": (sparse_ops.scatter_add_rows, dict(y=torch.randn(3, 4), rows=rows3, num_rows=6)),
+        "window_rows": (sparse_ops.window_rows, dict(windows=win, height=8, width=8, window_size=4)),
+        "window_scores": (sparse_ops.window_scores, dict(x=x4, window_size=4)),
+        "gather_windows": (sparse_ops.gather_windows, dict(x=x4, windows=win, window_size=4)),
+        "scatter_windows": (sparse_ops.scatter_windows, dict(y=torch.randn(4, 16, 4), base=x4, windows=win, window_size=4)),
+        "gather_tokens": (sparse_ops.gather_tokens, dict(x=x3, idx=tokens)),
+        "scatter_tokens": (sparse_ops.scatter_tokens, dict(y=torch.randn(tokens.num_tokens, 4), idx=tokens, base=x3)),
+        "package_tokens": (sparse_ops.package_tokens, dict(x=x3, scores=scores, idx=tokens)),
+        "select_tokens": (sparse_ops.select_tokens, dict(scores=scores, keep_rate=0.5)),
+        "select_windows": (sparse_ops.select_windows, dict(scores=scores, num_keep=2)),
+        "varlen_attention": (sparse_ops.varlen_attention,
+                             dict(qkv, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32), max_seqlen=3)),
+        "window_attention": (sparse_ops.window_attention,
+                             dict(windowed, window_ids=torch.tensor([0, 1, 1]), bias=torch.randn(2, 4, 4),
+                                  mask=torch.randn(2, 4, 4), scale=torch.rand(2))),
+        "gather_layernorm_linear": (sparse_ops.gather_layernorm_linear,
+                                    dict(x=torch.randn(6, 4), rows=rows3, norm_weight=torch.randn(4),
+                                         norm_bias=torch.randn(4), weight=torch.randn(3, 4), bias=torch.randn(3))),
+        "linear_residual_scatter": (sparse_ops.linear_residual_scatter,
+                                    dict(h=torch.randn(3, 5), weight=torch.randn(4, 5), bias=torch.randn(4),
+                                         base=torch.randn(6, 4), rows=rows3, residual=torch.randn(3, 4))),
+    }
+
+
+def tensor_arguments():
+    return [(op, name) for op, (_, kwargs) in valid_calls().items() for name, value in kwargs.items()
+            if isinstance(value, (torch.Tensor, TokenIndex))]
+
+
+def test_every_public_op_is_walked():
+    assert set(valid_calls()) == {name for name in sparse_ops.__all__ if callable(getattr(sparse_ops, name))} - {
+        "TokenIndex", "backends", "no_index_checks", "set_sparsity", "window_grid"}
+
+
+@pytest.mark.parametrize("op,name", tensor_arguments())
+def test_every_tensor_argument_on_another_device(op, name):
+    """The meta device stands in for a second device on machines without a GPU."""
+    fn, kwargs = valid_calls()[op]
+    fn(**kwargs)  # valid as given
+    if sum(isinstance(v, (torch.Tensor, TokenIndex)) for v in kwargs.values()) < 2:
+        pytest.skip("a single tensor argument: no other device to differ from")
+    value = kwargs[name]
+    if isinstance(value, TokenIndex):
+        moved = TokenIndex(value.index.to("meta"), value.cu_seqlens.to("meta"), value.max_seqlen,
+                           value.batch_size, value.seq_len)
+    else:
+        moved = value.to("meta")
+    with pytest.raises(ValueError, match=rf"\b{name}(\.index)? is on meta"):
+        fn(**{**kwargs, name: moved})
+
+
+@pytest.mark.parametrize("op,name", [(op, name) for op, name in tensor_arguments() if name != "idx"])
+def test_every_tensor_argument_with_a_wrong_dtype(op, name):
+    """int32 where a float or an int64 tensor belongs, int64 for the int32 cu_seqlens. (A
+    TokenIndex checks its fields' dtypes itself.)"""
+    fn, kwargs = valid_calls()[op]
+    value = kwargs[name]
+    wrong = torch.int64 if value.dtype == torch.int32 else torch.int32
+    with pytest.raises(TypeError, match=rf"\b{name}\b"):
+        fn(**{**kwargs, name: value.to(wrong)})

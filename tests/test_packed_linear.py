@@ -127,3 +127,111 @@ def test_pruned_block_packs_and_keeps_projection_hooks():
     assert len(seen) == 1
     x, out = seen[0]
     torch.testing.assert_close(out, F.linear(x, block.attn.proj.weight, block.attn.proj.bias))
+
+
+VITS = {  # timm model name -> its arguments (tiny), input size
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2), 32),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=4,
+                                                               num_heads=2), 32),
+    "registers-layerscale": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=64, depth=4,
+                                                          num_heads=2, reg_tokens=2, init_values=0.5), 32),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, depth=4), 28),
+    "eva02-unfused-qkv": ("eva02_tiny_patch14_224", dict(img_size=28, depth=4, qkv_fused=False), 28),
+}
+
+
+@pytest.mark.parametrize("grad", ["no_grad", "inference_mode", "grad"])
+@pytest.mark.parametrize("name", sorted(VITS))
+def test_intermediates_before_the_first_prune_layer_are_timms(name, grad):
+    """Bit for bit: the block that emits the first token scores runs on the full grid with
+    timm's Linears, not the packed ones (which round differently)."""
+    import copy
+    import timm
+
+    model_name, kwargs, size = VITS[name]
+    torch.manual_seed(0)
+    net = timm.create_model(model_name, pretrained=False, **kwargs).eval()
+    ours = patch.vit(copy.deepcopy(net), keep_rate=0.5, prune_layers=[3])
+    x = torch.randn(2, 3, size, size)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[grad]
+    with context():
+        got = ours.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+        want = net.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"block {i}: {(a - b).abs().max()}"
+
+
+def test_intermediates_without_a_class_token_are_timms_but_the_emitting_blocks_attention():
+    """Without a class token the block before the first prune layer takes each token's received
+    attention from explicit softmax probabilities, not SDPA's: its output is timm's to float32
+    rounding (about 1e-7 relative), every block before it is timm's bit for bit."""
+    import copy
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                            depth=4, num_heads=2, class_token=False, global_pool="avg").eval()
+    ours = patch.vit(copy.deepcopy(net), keep_rate=0.5, prune_layers=[3])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = ours.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+        want = net.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-6 * want[2].abs().max().item())
+
+
+def _dense_again_case(name):
+    """-> (a timm model, its patch function, pruned settings, dense settings, input size)."""
+    from test_eva import make as make_eva
+    from test_swinv2 import make_swinv2
+
+    vit, swin = (patch.vit, dict(keep_rate=0.5), dict(keep_rate=1.0)), (patch.swin, dict(ratios=0.5), dict(ratios=0.0))
+    make, (patch_model, pruned, dense), size = {
+        "vit": (make_vit_tiny, vit, 32),
+        "vit-features": (lambda: make_vit_tiny(features_only=True, out_indices=(1, 3)), vit, 32),
+        "eva": (lambda: make_eva("eva02-avg"), vit, 32),
+        "swin": (lambda: make_swin(img_size=56), swin, 56),
+        "swin-features": (lambda: make_swin(img_size=56, features_only=True, out_indices=(0, 1)), swin, 56),
+        "swinv2": (lambda: make_swinv2(img_size=32), swin, 32),
+    }[name]
+    return make(), patch_model, pruned, dense, size
+
+
+def make_vit_tiny(**kw):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=4, num_heads=2, **kw).eval()
+
+
+@pytest.mark.parametrize("name", ["vit", "vit-features", "eva", "swin", "swin-features", "swinv2"])
+def test_dense_again_is_timm_bit_for_bit(name):
+    """set_sparsity back to no pruning (after a pruned inference, packed weights and caches
+    filled): exactly timm's outputs, as the README says."""
+    import copy
+
+    import sparse_ops
+
+    net, patch_model, pruned, dense, size = _dense_again_case(name)
+    ours = patch_model(copy.deepcopy(net), **pruned)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ours(x)
+        sparse_ops.set_sparsity(ours, **dense)
+        got, want = ours(x), net(x)
+    for a, b in zip(*(out if isinstance(out, (list, tuple)) else [out] for out in (got, want))):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg", "map", "eva-avg"])
+def test_forward_head_of_forward_features_is_forward_bit_for_bit(pool):
+    from test_eva import make as make_eva
+
+    if pool == "eva-avg":
+        model = patch.vit(make_eva("eva02-avg"), keep_rate=0.5)
+    else:
+        model = patch.vit(make_vit_tiny(global_pool=pool, class_token=pool == "token"), keep_rate=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.forward_head(model.forward_features(x)), model(x))

@@ -1,5 +1,7 @@
 """varlen_attention: Triton kernels (through the interpreter on the CPU) and the plain-PyTorch
 path, against the reference and per-sequence SDPA, forward and backward, cls_attn side output."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 import sparse_ops
 from sparse_ops import reference
 from sparse_ops.attention.varlen import varlen_attention
-from conftest import assert_close_to_reference, with_grad
+from conftest import assert_close_to_reference, needs_interpreter, with_grad
 
 
 def packed_inputs(lengths, heads, head_dim, dtype, device="cpu", strided=False):
@@ -219,3 +221,32 @@ def test_bad_input(case):
     call, error, message = BAD[case]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_grid_fits_cuda_limits():
+    """More sequences than CUDA allows on a grid's y and z axes (65535): the kernels number
+    sequence blocks on axis x, whose limit is 2**31 - 1."""
+    from sparse_ops.kernels import varlen_attention as kernels
+
+    grid = kernels._grid("BLOCK_M", 12, 197, 100_000)({"BLOCK_M": 64})
+    assert all(size <= 65535 for size in grid[1:]) and grid[0] <= 2**31 - 1
+    assert math.prod(grid) == 100_000 * 4 * 12
+
+
+@needs_interpreter
+def test_head_offsets_past_int32():
+    """q, k, v and dout whose head stride times the head passes 2**31 elements (a [H, T, D]
+    tensor viewed [T, H, D]): the kernels' offsets are int64 (in int32 head 2 would read the
+    storage's start)."""
+    from sparse_ops.kernels import varlen_attention as kernels
+    from test_window_attention import huge_head_stride_views
+
+    q, k, v, dout = huge_head_stride_views((16, 3, 16), 4)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    out, lse, cls_attn = kernels.forward(q, k, v, cu, 11, 0.25, True)
+    grads = kernels.backward(dout, q, k, v, out, lse, cu, 11, 0.25)
+    leaves = with_grad(q, k, v, dtype=torch.float64)
+    expected, expected_cls = reference.varlen_attention(*leaves, cu, 11, scale=0.25, return_cls_attn=True)
+    expected.backward(dout.double())
+    for actual, wanted in zip([out, cls_attn, *grads], [expected, expected_cls] + [t.grad for t in leaves]):
+        torch.testing.assert_close(actual.double(), wanted, atol=2e-2, rtol=1e-2)

@@ -9,7 +9,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from sparse_ops import reference
 from sparse_ops.attention import _dispatch
 from sparse_ops.attention.window import window_attention
-from conftest import assert_close_to_reference, with_grad
+from conftest import assert_close_to_reference, needs_interpreter, with_grad
 
 
 def shift_mask(window_size):
@@ -233,3 +233,136 @@ def test_bad_input(case):
     call, error, message = BAD[case]
     with pytest.raises(error, match=message):
         call()
+
+
+# ------------------------------------------- the kernels: key blocks, partial sums, offsets
+def compare_with_reference(q, k, v, ids, bias, masks, scale, atol=1e-5):
+    """window_attention's output and its gradients of q, k, v, bias and a per-head scale
+    tensor (where given) against the float64 reference, within twice the error of the
+    reference run in q's dtype."""
+    dout = torch.randn(q.shape).to(q.dtype)
+    results = []
+    for run, run_dtype in ((window_attention, q.dtype), (reference.window_attention, q.dtype),
+                           (reference.window_attention, torch.float64)):
+        def leaf(t):  # a tensor in the run's precision (bias and scale: float32 or float64)
+            high = run_dtype == torch.float64
+            return with_grad(t, dtype=torch.float64 if high else t.dtype)[0] if isinstance(t, torch.Tensor) else t
+
+        qg, kg, vg = with_grad(q, k, v, dtype=run_dtype)
+        bg, sg = leaf(bias), leaf(scale)
+        out = run(qg, kg, vg, ids, bg, masks, scale=sg)
+        out.backward(dout.to(run_dtype))
+        results.append([out] + [t.grad for t in (qg, kg, vg, bg, sg) if isinstance(t, torch.Tensor)])
+    for actual, low, high in zip(*results):
+        assert actual.shape == high.shape
+        assert_close_to_reference(actual, low, high, atol=atol)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The Triton kernels on CPU tensors (through the interpreter), as a module to configure."""
+    monkeypatch.setattr(_dispatch, "use_triton", lambda name, q: True)
+    return _dispatch.triton_kernels("window_attention")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("M,heads,n", [(2, 1, 324), (1, 1, 576)], ids=["n324", "n576"])
+def test_large_windows(kernels, M, heads, n):
+    """Swin V2's 18x18 and 24x24 windows, over 256 keys: the key-block kernels (several blocks
+    of queries and keys), with bias, shift mask and per-head scale, and their gradients."""
+    assert not kernels.one_key_block(n)
+    q, k, v, ids, b, masks = window_inputs(M, heads, n, 16, torch.float32)
+    compare_with_reference(q, k, v, ids, b, masks, torch.rand(heads) + 0.5)
+
+
+# n = 25 is one query block of the interpreter's 32-row one-block kernels (dbias summed in
+# registers), n = 49 several (summed in the program's slot); M = 5 windows in programs of 2.
+KERNEL_CASES = [(torch.float32, 5, 2, 49, 32, True, True, "head"), (torch.bfloat16, 5, 2, 49, 16, True, True, "head"),
+                (torch.float32, 5, 1, 25, 16, True, False, 0.3), (torch.float32, 5, 1, 49, 16, False, True, None)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("one_block", [True, False], ids=["one-block", "key-blocks"])
+@pytest.mark.parametrize("dtype,M,heads,n,head_dim,bias,mask,scale", KERNEL_CASES,
+                         ids=[f"{str(c[0])[6:]}-M{c[1]}-H{c[2]}-n{c[3]}" + "-bias" * c[5] + "-mask" * c[6]
+                              for c in KERNEL_CASES])
+def test_kernel_sets_and_partial_sums(kernels, monkeypatch, one_block, dtype, M, heads, n, head_dim, bias, mask,
+                                      scale):
+    """Both kernel sets (small windows forced through the key-block kernels), several windows
+    per backward program summing their dbias into one partial slot (the last group shorter)."""
+    if not one_block:
+        monkeypatch.setattr(kernels, "MAX_ONE_BLOCK_KEYS", 8)
+    monkeypatch.setattr(kernels, "PARTIAL_ELEMENTS", 3 * heads * n * n)  # 3 slots: windows 2 + 2 + 1
+    assert kernels._windows_per_program(M, heads, n, True) == 2
+    q, k, v, ids, b, masks = window_inputs(M, heads, n, head_dim, dtype, bias=bias, mask=mask)
+    compare_with_reference(q, k, v, ids, b, masks, torch.rand(heads) + 0.5 if scale == "head" else scale,
+                           atol=1e-5 if dtype == torch.float32 else 1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("one_block", [True, False], ids=["one-block", "key-blocks"])
+def test_backward_without_atomics(kernels, monkeypatch, one_block):
+    """The backward sums dbias and the head-scale gradient without atomics (each program
+    writes its own partial sums, torch adds them in a fixed order), so two runs agree bit
+    for bit: the interpreter fails any atomic operation here."""
+    from triton.runtime import interpreter
+
+    def no_atomics(*args, **kwargs):
+        raise AssertionError("an atomic operation: the sum's order depends on the schedule")
+
+    for name in ("create_atomic_rmw", "create_atomic_cas"):
+        monkeypatch.setattr(interpreter.InterpreterBuilder, name, no_atomics)
+    if not one_block:
+        monkeypatch.setattr(kernels, "MAX_ONE_BLOCK_KEYS", 8)
+    monkeypatch.setattr(kernels, "PARTIAL_ELEMENTS", 2 * 49 * 49)  # 2 slots: windows 3 + 2
+    q, k, v, ids, b, masks = window_inputs(5, 1, 49, 16, torch.float32)
+    dout = torch.randn(q.shape)
+    head_scale = torch.rand(1) + 0.5
+    runs = [kernels.backward(dout, q, k, v, ids, b, masks, 0.25, True, head_scale) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert first.numel() and torch.equal(first, second)
+
+
+def huge_head_stride_views(shape, count, dtype=torch.float16):
+    """count views of one storage with the given shape, whose axis 1 (heads, 3 of them) has
+    stride 2**30, so that head 2 starts 2**31 elements past the view's first one (as in a
+    [H, ..., D] tensor viewed head-inner), filled with random values. The storage spans
+    2**32 elements (8 GiB of address space) but only the pages written are memory: a head
+    offset that wraps at int32 reads the untouched start of the storage (zeros), no fault."""
+    assert shape[1] == 3
+    size = 1
+    for s in shape:
+        size *= s
+    storage = torch.empty(2**32 + 2 * count * size, dtype=dtype)
+    strides = [0] * len(shape)
+    strides[1] = 2**30
+    inner = 1
+    for axis in reversed([a for a in range(len(shape)) if a != 1]):
+        strides[axis] = inner
+        inner *= shape[axis]
+    views = []
+    for i in range(count):
+        view = storage.as_strided(shape, strides, 2**31 + i * inner)
+        view.copy_(torch.randn(shape))
+        views.append(view)
+    return views
+
+
+@needs_interpreter
+@pytest.mark.parametrize("one_block", [True, False], ids=["one-block", "key-blocks"])
+def test_head_offsets_past_int32(kernels, monkeypatch, one_block):
+    """q, k, v and dout whose head stride times the head passes 2**31 elements: the kernels'
+    offsets are int64 (in int32 head 2 would read the storage's start)."""
+    if not one_block:
+        monkeypatch.setattr(kernels, "MAX_ONE_BLOCK_KEYS", 8)
+    q, k, v, dout = huge_head_stride_views((2, 3, 25, 16), 4)
+    ids = torch.tensor([1, 0])
+    masks = shift_mask(5)
+    bias = torch.randn(3, 25, 25)
+    out = kernels.forward(q, k, v, ids, bias, masks, 0.25)
+    grads = kernels.backward(dout, q, k, v, ids, bias, masks, 0.25, True)
+    leaves = with_grad(q, k, v, bias, dtype=torch.float64)
+    expected = reference.window_attention(*leaves[:3], ids, leaves[3], masks.double(), scale=0.25)
+    expected.backward(dout.double())
+    for actual, wanted in zip([out, *grads[:4]], [expected] + [t.grad for t in leaves]):
+        torch.testing.assert_close(actual.double(), wanted, atol=2e-2, rtol=1e-2)

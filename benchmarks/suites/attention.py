@@ -31,7 +31,7 @@ import sparse_ops
 from sparse_ops.select import kept_count
 
 from .. import baselines, flops
-from ..core import Case, Config, Setup, compiled, pick
+from ..core import Case, Config, NO_FLEX, Setup, compiled, pick
 
 NAME = "attention"
 MEMORY_BOUND = False
@@ -108,7 +108,7 @@ def _varlen(cfg: Config, heads: int, batch: int, lengths_range, backward: bool) 
     check = functools.partial(baselines.peer, expected=expected, device=cfg.device, dtype=cfg.dtype)
     methods = {"dense": check(lambda: _timed(dense, padded, grad_padded), as_ours=lambda t: t[keep]),
                "naive": check(lambda: _timed(nested, packed, grad_packed)),
-               "varlen_attn": check(make_varlen_attn), "flex": check(make_flex),
+               "varlen_attn": check(make_varlen_attn), "flex": check(make_flex) if cfg.flex else NO_FLEX,
                **methods}
     methods["ours+cls"] = check(lambda: methods["ours+cls"])
     scale = 1 + BACKWARD_FLOPS * backward
@@ -157,7 +157,7 @@ def _window(cfg: Config, model: str, img_size: int, stage: int, batch: int, spar
                               as_ours=lambda t: t[kept_rows]),
                "naive": check(lambda: _timed(lambda t: baselines.timm_window_attention(attn, t, ids, mask), [x_kept],
                                              grad_kept)),
-               "flex": check(make_flex), **methods}
+               "flex": check(make_flex) if cfg.flex else NO_FLEX, **methods}
     scale = 1 + BACKWARD_FLOPS * backward
     dense, sparse = (scale * batch * flops.swin_attention(block, kept) for kept in (windows, K))
     return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - K / windows, grad=backward,

@@ -22,7 +22,7 @@ import torch
 from sparse_ops.select import kept_count
 
 from .. import baselines, flops
-from ..core import Case, Config, Setup, compiled, guarded, pick
+from ..core import Case, Config, NO_FLEX, Setup, compiled, guarded, pick
 
 NAME = "blocks"
 MEMORY_BOUND = False
@@ -64,7 +64,7 @@ def _swin(cfg: Config, model: str, img_size, batch: int, stage: int, ratio: floa
         return lambda: baselines.sparsevit_block(block, x, K, attention=baselines.flex_window_attention)
 
     methods = {"dense": lambda: block(x), "naive": check(lambda: lambda: baselines.sparsevit_block(block, x, K)),
-               "flex": check(make_flex), "ours": ours}
+               "flex": check(make_flex) if cfg.flex else NO_FLEX, "ours": ours}
     dense, sparse = (batch * flops.swin_block(block, k) for k in (windows, K))
     return Setup(compiled(methods, cfg, names=("dense", "naive", "flex")), flops=(dense, sparse),
                  sparsity=1 - sparse / dense, overheads=baselines.peer_ratios(methods, ("naive", "flex")))

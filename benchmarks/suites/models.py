@@ -39,7 +39,7 @@ import torch
 from sparse_ops.select import kept_count
 
 from .. import baselines, flops
-from ..core import Case, Config, Setup, Unavailable, compiled, guarded, pick
+from ..core import Case, Config, NO_FLEX, Setup, Unavailable, compiled, guarded, pick
 
 NAME = "models"
 MEMORY_BOUND = False
@@ -137,7 +137,7 @@ def _swin(cfg: Config, model: str, img_size, batch: int, ratios, backbone: bool 
         return lambda: sparse_forward(net, images, kept, attention=baselines.flex_window_attention)
 
     methods = {"dense": lambda: run(net), "naive": check(lambda: lambda: sparse_forward(net, images, kept)),
-               "flex": check(make_flex), "ours": ours}
+               "flex": check(make_flex) if cfg.flex else NO_FLEX, "ours": ours}
     overheads = baselines.peer_ratios(methods, ("naive", "flex"))
     if inplace_off:
         copying = guarded(lambda: baselines.patched("swin", net, ratios=ratios, inplace=False))

@@ -1,5 +1,6 @@
 // gather_rows / scatter_rows / scatter_add_rows on CUDA. Memory-bound copies: rows move
 // as the widest vectors (up to 16 bytes) that their size, stride and alignment allow.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -131,12 +132,22 @@ at::Tensor scatter_add_rows_cuda(const at::Tensor& y, const at::Tensor& rows, in
     // Half and bfloat16 accumulate in float: repeated rows add up without losing precision,
     // and float/double atomicAdd are native.
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor acc = at::zeros({num_rows, cols}, src.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    if (n * cols > 0) {
+    // Atomics add repeated rows in a varying order. Under torch.use_deterministic_algorithms,
+    // index_put_ with accumulate instead, which torch makes deterministic (it sorts the rows);
+    // its padding rows (-1) add into one extra row, dropped.
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    const auto acc_options = src.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor acc = at::zeros({num_rows + (deterministic ? 1 : 0), cols}, acc_options);
+    if (n * cols > 0 && deterministic) {
+      c10::List<std::optional<at::Tensor>> target;
+      target.push_back(idx.masked_fill(idx.lt(0), num_rows));
+      acc.index_put_(target, src.to(acc_options.dtype()), /*accumulate=*/true);
+    } else if (n * cols > 0) {
       scatter_add_rows_kernel<scalar_t, acc_t><<<num_blocks(n * cols), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           src.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), acc.data_ptr<acc_t>(), num_rows, n, cols);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    acc = acc.narrow(0, 0, num_rows);
     out = acc.scalar_type() == src.scalar_type() ? acc : acc.to(src.scalar_type());
   });
   return out;

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks as check
+from .. import _autocast, _checks as check
+from .._export import equal_length_attention, exporting
 from ._dispatch import implementation, op_or_direct
 
 
@@ -203,14 +204,26 @@ _forward_received_op.register_autograd(_backward, setup_context=_setup_context)
 def forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float,
             return_cls_attn: bool):
     """Unchecked forward -> (out, logsumexp, cls_attn) as _forward_op: the op, or where
-    calls_directly its implementation."""
+    calls_directly its implementation. Under autocast q, k, v in autocast's dtype (as SDPA's)."""
+    low = _autocast.dtype(q)
+    if low is not None:
+        with _autocast.off(q.device.type):
+            return forward(*_autocast.cast(low, q, k, v), cu_seqlens, max_seqlen, scale, return_cls_attn)
+    if exporting():  # standard ops only (sparse_ops._export)
+        return equal_length_attention(q, k, v, cu_seqlens, max_seqlen, scale, "cls" if return_cls_attn else "")
     run = op_or_direct(_forward_op, "varlen_attention", "forward", _forward_torch, q, k, v)
     return run(q, k, v, cu_seqlens, max_seqlen, scale, return_cls_attn)
 
 
 def forward_received(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
     """Unchecked forward -> (out, logsumexp, received) as _forward_received_op: the op, or where
-    calls_directly its implementation."""
+    calls_directly its implementation. Autocast as forward."""
+    low = _autocast.dtype(q)
+    if low is not None:
+        with _autocast.off(q.device.type):
+            return forward_received(*_autocast.cast(low, q, k, v), cu_seqlens, max_seqlen, scale)
+    if exporting():  # standard ops only (sparse_ops._export)
+        return equal_length_attention(q, k, v, cu_seqlens, max_seqlen, scale, "received")
     run = op_or_direct(_forward_received_op, "varlen_attention", "forward_received", _forward_received_torch, q, k, v)
     return run(q, k, v, cu_seqlens, max_seqlen, scale)
 
@@ -241,7 +254,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     Returns out [T, H, D] and, with return_cls_attn, also cls_attn float32 [T] (float64 for
     float64 inputs; not differentiable): for token t at key position j of its sequence, the
     softmax probability of that sequence's first query row at key j, averaged over heads.
+    Under torch.autocast q, k, v are cast to autocast's dtype (out's), as for SDPA.
     """
+    q, k, v = _autocast.cast(_autocast.dtype(q), q, k, v)
     check.qkv(q, k, v, "[T, H, D]")
     check.tensor(cu_seqlens, "cu_seqlens", 1, "[B+1]", dtypes=(torch.int32,))
     check.same_device(q=q, cu_seqlens=cu_seqlens)

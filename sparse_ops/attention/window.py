@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks as check
+from .. import _autocast, _checks as check, reference
+from .._export import exporting
 from . import _dispatch
 
 
@@ -245,7 +246,17 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: Optio
     """The op's output [M, H, n, D], unchecked (for the sparse blocks, whose inputs are valid
     by construction). Where _dispatch.calls_directly, what the custom op would run; in eager
     mode on the CPU's PyTorch path with autograd, the same math in torch's differentiable ops
-    (_forward_autograd); else the custom op."""
+    (_forward_autograd); else the custom op. Under autocast q, k, v in autocast's dtype (as
+    SDPA's), bias, mask and head_scale as given."""
+    low = _autocast.dtype(q)
+    if low is not None:
+        with _autocast.off(q.device.type):
+            return _forward_op(*_autocast.cast(low, q, k, v), window_ids, bias, mask, scale, head_scale)
+    if exporting():  # standard ops only (sparse_ops._export), in float32 as the kernels
+        stat = _stat_dtype(q.dtype)
+        full_scale = scale if head_scale is None else head_scale.to(stat) * scale
+        return reference.window_attention(q.to(stat), k.to(stat), v.to(stat), window_ids, bias, mask,
+                                          full_scale).to(q.dtype)
     args = (q, k, v, window_ids, bias, mask, scale, head_scale)
     if _dispatch.calls_directly(q, k, v, bias, head_scale):
         return _forward_function(q)(*args)[0]
@@ -266,8 +277,9 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window_ids: Tensor, bias: 
     (0 / -100, any float dtype; not differentiable), window m uses mask[window_ids[m]]; window_ids
     int64 [M]. scale: a number (default D**-0.5) or a tensor [H], one per head (Swin V2's
     clamped exp(logit_scale), differentiable; computed in float32). Returns out [M, H, n, D] in
-    q's dtype.
+    q's dtype. Under torch.autocast q, k, v are cast to autocast's dtype (out's), as for SDPA.
     """
+    q, k, v = _autocast.cast(_autocast.dtype(q), q, k, v)
     check.qkv(q, k, v, "[M, H, n, D]")
     M, H, n, D = q.shape
     check.index(window_ids, "window_ids", 1, "[M]")

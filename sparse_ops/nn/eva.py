@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaBlock
@@ -73,8 +74,9 @@ class SparseEvaBlock(EvaBlock):
     Set by sparse_ops.patch.eva / set_sparsity: keep_rate, mass (None: by keep_rate), package,
     emit_cls_attn (return the scores), num_prefix_tokens, received_attention (the scores of a
     model without a class token: the attention each token receives, as SparseBlock's)."""
-    keep_rate: float = 1.0
-    mass: Optional[float] = None
+    # floats kept as exact integer ratios, as SparseBlock's (one compiled graph per density)
+    _keep_rate_ratio, _mass_ratio = SparseBlock._keep_rate_ratio, SparseBlock._mass_ratio
+    keep_rate, mass = SparseBlock.keep_rate, SparseBlock.mass
     package: bool = False
     emit_cls_attn: bool = False
     num_prefix_tokens: int = 1
@@ -86,6 +88,7 @@ class SparseEvaBlock(EvaBlock):
     _select = SparseBlock._select
     _select_index = SparseBlock._select_index
     _add_package_token = SparseBlock._add_package_token
+    __prepare_scriptable__ = SparseBlock.__prepare_scriptable__  # (refuses torch.jit.script)
 
     def forward(self, x, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
         if isinstance(x, Tensor):
@@ -100,7 +103,11 @@ class SparseEvaBlock(EvaBlock):
         attn = self.attn
         T = t.x.shape[0] if rows is None else rows.shape[0]
         src = t.x if t.x.stride(1) == 1 else t.x.contiguous()
-        qkv = layernorm_linear(src, rows, self.norm1.weight, self.norm1.bias, self.norm1.eps, *qkv_projection(self))
+        as_timm = t.index is None  # the full grid before any pruning: timm's GEMMs (see SparseBlock)
+        if as_timm:
+            qkv = F.linear(self.norm1(src), *qkv_projection(self))
+        else:
+            qkv = layernorm_linear(src, rows, self.norm1.weight, self.norm1.bias, self.norm1.eps, *qkv_projection(self))
         q, k, v = qkv.view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:
@@ -108,7 +115,7 @@ class SparseEvaBlock(EvaBlock):
             q = apply_rot_embed_cat(q, r, half=attn.rotate_half).type_as(v)
             k = apply_rot_embed_cat(k, r, half=attn.rotate_half).type_as(v)
         o, cls_attn = packed_attention(q, k, v, t, attn.scale, self.emit_cls_attn, self.received_attention)
-        o = attn.proj_drop(linear(attn.norm(o.reshape(T, -1)), attn.proj))
+        o = attn.proj_drop(linear(attn.norm(o.reshape(T, -1)), attn.proj, as_timm))
         if self.gamma_1 is not None:
             o = self.gamma_1 * o
         x = gather(t.x, rows)

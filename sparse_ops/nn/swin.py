@@ -15,6 +15,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerSt
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import _export
 from .._backend import kernel
 from ..attention import window as _window
 from ..layout import window_grid
@@ -26,6 +27,7 @@ class SparseSwinBlock(SwinTransformerBlock):
     """timm's SwinTransformerBlock (same parameters) pruning a fraction `sparsity` of its
     windows (set by sparse_ops.patch.swin / set_sparsity; 0 runs timm's dense forward)."""
     sparsity: float = 0.0
+    __prepare_scriptable__ = _export.refuse_scripting
 
     def num_windows(self, height: int, width: int) -> int:
         gh, gw = window_grid(height, width, self.window_size)
@@ -104,6 +106,7 @@ class SparseSwinStage(SwinTransformerStage):
     inplace: bool = True
 
     def forward(self, x: Tensor) -> Tensor:
+        _export.refuse_fx_tracing(type(self).__name__)
         x = self.downsample(x)
         B, H, W, C = x.shape
         most, ranker = {}, {}  # per window grid (window, shift): most windows a block keeps
@@ -113,7 +116,7 @@ class SparseSwinStage(SwinTransformerStage):
                 key = (tuple(blk.window_size), tuple(blk.shift_size))
                 most[key], ranker[key] = max(most.get(key, 0), K), blk
         orders = {key: ranker[key].rank_windows(x, K) for key, K in most.items()}
-        may_write = self.inplace and not (torch.is_grad_enabled() and (
+        may_write = self.inplace and not _export.exporting() and not (torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())))
         # the stage's own tensor: the downsample's fresh output (an Identity passes the caller's)
         owned = may_write and not isinstance(self.downsample, nn.Identity) and not any(

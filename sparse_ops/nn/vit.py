@@ -22,6 +22,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
+from .. import _autocast, _export
 from .._backend import kernel
 from ..attention import varlen as _varlen
 from ..layout import TokenIndex
@@ -79,7 +80,7 @@ def _class_row_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
     to it, mean over heads, from q, k [B, H, L, D]; what varlen_attention's cls_attn gives,
     without gradient, at the cost of one row of scores per head."""
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
+    with torch.no_grad(), _autocast.off(q.device.type):  # a statistic: float32 under autocast too
         scores = (q[:, :, :1].to(stat) @ k.to(stat).transpose(-1, -2)) * scale  # [B, H, 1, L]
         return scores.softmax(-1).mean(1).reshape(-1)
 
@@ -113,6 +114,21 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, t: "Tokens", scale: float,
     return o, _class_row_attention(q, k, scale) if scores else None
 
 
+def _exact_float(ratio_attr: str) -> property:
+    """A float attribute (None allowed) kept as its exact integer ratio in ratio_attr:
+    torch.compile specializes a module's int attributes (one graph per value, reused when the
+    value comes back), whereas a float attribute that changes becomes a symbolic float after
+    one recompile, and tracing the token counts from it did not finish (sympy)."""
+    def get(self) -> Optional[float]:
+        ratio = getattr(self, ratio_attr)
+        return None if ratio is None else ratio[0] / ratio[1]
+
+    def set(self, value: Optional[float]) -> None:
+        setattr(self, ratio_attr, None if value is None else float(value).as_integer_ratio())
+
+    return property(get, set)
+
+
 class SparseBlock(Block):
     """timm's ViT Block (same parameters), which on Tokens prunes at its entry when it is a
     prune layer and returns the token scores (Tokens.cls_attn) when the next block prunes.
@@ -121,13 +137,17 @@ class SparseBlock(Block):
     emit_cls_attn (return the scores), num_prefix_tokens, and received_attention (False: the
     scores are the class token's attention row, a side output of the attention kernel; True,
     for models without a class token: the attention each token receives, from
-    _received_attention)."""
-    keep_rate: float = 1.0
-    mass: Optional[float] = None
+    _received_attention). keep_rate and mass are floats kept as exact integer ratios (see
+    _exact_float): a compiled model recompiles once per density."""
+    _keep_rate_ratio: tuple = (1, 1)
+    _mass_ratio: Optional[tuple] = None
+    keep_rate = _exact_float("_keep_rate_ratio")
+    mass = _exact_float("_mass_ratio")
     package: bool = False
     emit_cls_attn: bool = False
     num_prefix_tokens: int = 1
     received_attention: bool = False
+    __prepare_scriptable__ = _export.refuse_scripting
 
     @property
     def prunes(self) -> bool:
@@ -138,9 +158,13 @@ class SparseBlock(Block):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         tokens, rows = self._select(x) if self.prunes else (x, None)
         if rows is None and tokens.seq_len is not None and not self.emit_cls_attn:
-            # Equal lengths and nothing to gather: a packed batch is a dense one.
-            out = super().forward(tokens.dense()).reshape(tokens.x.shape)
-            return replace(tokens, x=out, cls_attn=None)
+            # Equal lengths and nothing to gather: a packed batch is a dense one (timm's
+            # Block.forward), the second residual added on the [T, C] rows so that the output
+            # is no view (an in-place op on a view drops FSDP2's pre-backward hook).
+            x = tokens.dense()
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            mlp = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            return replace(tokens, x=x.view(tokens.x.shape) + mlp.view(tokens.x.shape), cls_attn=None)
         return self._forward_packed(tokens, rows)
 
     # ----------------------------------------------------------------------- pruning
@@ -171,6 +195,7 @@ class SparseBlock(Block):
 
     def _select_index(self, scores: Tensor) -> TokenIndex:
         if self.mass is not None:
+            _export.refuse_mass()
             return mass_tokens(scores, self.mass, self.num_prefix_tokens)
         return top_tokens(scores, self.keep_rate, self.num_prefix_tokens)
 
@@ -183,7 +208,9 @@ class SparseBlock(Block):
         sample = t.sample_of_row()
         total = w.new_zeros(B).index_add_(0, sample, w)
         packages = t.x.new_zeros(B, t.x.shape[1]).index_add_(0, sample, w.unsqueeze(1) * t.x)
-        packages = packages / total.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1)
+        # an image with nothing pruned gets a zero package, and zero gradients (not a clamped
+        # total's NaN ones)
+        packages = packages / torch.where(total > 0, total, 1).unsqueeze(1)
         lengths = kept.cu_seqlens.diff()
         images = torch.arange(B, device=rows.device)
         # kept row i of image b moves down by b (the packages before it); image b's package
@@ -201,17 +228,20 @@ class SparseBlock(Block):
     def _forward_packed(self, t: Tokens, rows: Optional[Tensor]) -> Tokens:
         attn, mlp = self.attn, self.mlp
         T = t.x.shape[0] if rows is None else rows.shape[0]
-        qkv = norm_linear(t.x, rows, self.norm1, attn.qkv).view(T, 3, attn.num_heads, attn.head_dim)
+        # the full grid before any pruning (the block that emits the first scores): timm's
+        # Linears, so that the intermediates up to the first prune layer are timm's bit for bit
+        as_timm = t.index is None
+        qkv = norm_linear(t.x, rows, self.norm1, attn.qkv, as_timm).view(T, 3, attn.num_heads, attn.head_dim)
         q, k, v = qkv.unbind(1)
         q, k = attn.q_norm(q), attn.k_norm(k)
         o, cls_attn = packed_attention(q, k, v, t, attn.scale, self.emit_cls_attn, self.received_attention)
-        o = attn.proj_drop(linear(attn.norm(o.reshape(T, -1)), attn.proj))
+        o = attn.proj_drop(linear(attn.norm(o.reshape(T, -1)), attn.proj, as_timm))
         x = gather(t.x, rows)
         # t.x still holds the rows before the gather: count images over the gathered ones
         sample = replace(t, x=x).sample_of_row() if self.training else None
         x = x + drop_path(self.drop_path1, self.ls1(o), sample, t.batch_size)
-        h = mlp.norm(mlp.drop1(mlp.act(norm_linear(x, None, self.norm2, mlp.fc1))))
-        x = x + drop_path(self.drop_path2, self.ls2(mlp.drop2(linear(h, mlp.fc2))), sample, t.batch_size)
+        h = mlp.norm(mlp.drop1(mlp.act(norm_linear(x, None, self.norm2, mlp.fc1, as_timm))))
+        x = x + drop_path(self.drop_path2, self.ls2(mlp.drop2(linear(h, mlp.fc2, as_timm))), sample, t.batch_size)
         return Tokens(x, t.cu_seqlens, t.max_seqlen, t.batch_size, t.seq_len, cls_attn, t.index)
 
 
@@ -234,6 +264,7 @@ class SparseVisionTransformer(VisionTransformer):
     timm_class = VisionTransformer  # the timm class this one patches (patch.vit undoes to it)
 
     def _prunes(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> bool:
+        _export.refuse_fx_tracing(type(self).__name__)
         return attn_mask is None and not is_causal and x.shape[0] > 0 and any(blk.prunes for blk in self.blocks)
 
     def _embed(self, x: Tensor) -> Tensor:
