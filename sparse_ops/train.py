@@ -6,12 +6,14 @@ every token); SparseViT fine-tunes with a random per-block window ratio each ste
 (sparsity-aware adaptation) so that any configuration the search later picks already works.
 Both run the SAME patched model at two densities via sparse_ops.set_sparsity.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import _checks as check
 from .nn import SparseVisionTransformer, Tokens
@@ -102,12 +104,16 @@ def dense_sparse_step(model: nn.Module, images: Tensor, targets: Tensor, sparse_
     criterion(sparse) + distill_weight * distillation_loss(sparse, dense, temperature).
     sparse_options go to set_sparsity of the patched model (e.g. dict(keep_rate=0.7),
     dict(mass=0.9), dict(ratios=[...])). Its previous sparsity is restored afterwards. With
-    an optimizer: zero_grad, backward, step; without one the caller owns backward (the loss
-    parts returned are detached floats either way).
+    an optimizer: zero_grad, one backward per pass (the dense one before the sparse forward),
+    step; without one the caller owns backward (the loss parts returned are detached floats
+    either way).
 
-    Under DDP both passes run through the wrapper, so gradients are reduced once per pass:
-    wrap with find_unused_parameters=True when the sparse pass may skip parameters (e.g. a
-    package token path), and static_graph=False (two forwards per backward)."""
+    Under DDP both passes run through the wrapper and the dense backward under no_sync, so
+    gradients are reduced once per step: wrap with find_unused_parameters=True when the sparse
+    pass may skip parameters (e.g. a package token path), and static_graph=False. Under FSDP2
+    (fully_shard per block and at the root) pass the model itself. Either way every rank
+    must prune at the same density: draw it with sample_keep_rate / sample_swin_ratios from
+    a generator seeded alike on every rank, not from the per-rank seeded global RNG."""
     if not isinstance(sparse_options, dict):
         raise TypeError(f"sparse_options must be a dict of set_sparsity arguments, got {type(sparse_options).__name__}")
     if distill_weight < 0:
@@ -115,28 +121,37 @@ def dense_sparse_step(model: nn.Module, images: Tensor, targets: Tensor, sparse_
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     inner = _unwrap(model) if backbone is None else backbone
     previous = _current_sparsity(inner)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     try:
         set_sparsity(inner, **_dense_sparsity(inner))
         dense_logits = model(images)
+        dense_loss = criterion(dense_logits, targets)
+        if optimizer is not None:
+            # The distillation target is detached, so the dense loss alone reaches the dense
+            # graph: its backward frees that graph before the sparse forward builds its
+            # own (the step's peak memory is one pass's, not both), with the same gradients
+            # as one backward of the total.
+            with model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext():
+                dense_loss.backward()  # DDP reduces once, in the sparse backward
         set_sparsity(inner, **sparse_options)
         sparse_logits = model(images)
     finally:
         set_sparsity(inner, **previous)
-    dense_loss = criterion(dense_logits, targets)
     sparse_loss = criterion(sparse_logits, targets)
     distill = distillation_loss(sparse_logits, dense_logits, temperature)
-    total = dense_loss + sparse_loss + distill_weight * distill
     if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        (sparse_loss + distill_weight * distill).backward()
         optimizer.step()
-    return StepLosses(dense_loss.item(), sparse_loss.item(), distill.item(), total.item())
+    dense, sparse, distill = dense_loss.item(), sparse_loss.item(), distill.item()
+    return StepLosses(dense, sparse, distill, dense + sparse + distill_weight * distill)
 
 
 def sample_keep_rate(choices: Optional[Sequence[float]] = None, low: float = 0.5, high: float = 1.0,
                      generator: Optional[torch.Generator] = None) -> float:
     """A keep rate for one training step: one of `choices` when given, else uniform in
-    [low, high]. Deterministic under `generator`."""
+    [low, high]. Deterministic under `generator` (in multi-process training one seeded alike
+    on every rank, so that all ranks prune alike)."""
     if choices is not None:
         values = check.numbers(choices, "choices", "a sequence of keep rates")
         if not values or any(not 0.0 < v <= 1.0 for v in values):

@@ -458,3 +458,17 @@ def test_quick_leaves_out_the_flex_peers():
     assert len(cases) == 2
     for case in cases:
         assert case.build().methods["flex"] is NO_FLEX, case.name
+
+
+def test_training_suite_times_the_dense_sparse_step_against_dense_plus_pruned(tmp_path):
+    """Issue 33's training cost: the quick cases run every method and report ours over
+    dense+pruned, the reference a dense/sparse step must stay within."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--quick", "--suite", "training", "--out", str(tmp_path)]) == 0
+    _, records, markdown = read_results(tmp_path)
+    assert sorted(records) == ["training/swin_test/b1/s0.5", "training/vit_test/b2/keep0.5"]
+    for name, r in records.items():
+        assert r["error"] is None and 0 < r["sparsity"] < 1, name
+        assert {m: v["status"] for m, v in r["methods"].items()} == dict.fromkeys(("dense", "ours", "dense+pruned"), "ok")
+        assert r["overheads"]["ours/dense+pruned"] is not None
+    assert markdown.count("| ours/dense+pruned overhead |") == 2  # a row per case

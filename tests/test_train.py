@@ -1,15 +1,16 @@
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import timm
 import torch
+from conftest import run_within_budget
 
 import sparse_ops
 from sparse_ops import patch
+from sparse_ops.nn import SparseVisionTransformer
 from sparse_ops.train import (
     class_attentions,
     cls_attention_distillation_loss,
@@ -20,17 +21,17 @@ from sparse_ops.train import (
 )
 
 
-def tiny_vit():
+def tiny_vit(**kwargs):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=4,
-                              num_heads=2, num_classes=5)
+                              num_heads=2, num_classes=5, **kwargs)
     return patch.vit(model, prune_layers=[1, 3])
 
 
-def tiny_swin():
+def tiny_swin(**kwargs):
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=72, embed_dim=16, depths=(2, 2, 2, 2),
-                              num_heads=(1, 2, 2, 4), window_size=7, num_classes=5)
+                              num_heads=(1, 2, 2, 4), window_size=7, num_classes=5, **kwargs)
     return patch.swin(model)
 
 
@@ -197,6 +198,92 @@ def test_dense_sparse_step_on_a_backbone():
         dense_sparse_step(model, images, targets, dict(ratios=0.5))
 
 
+# ------------------------------------------------------ the cost of a dense/sparse step
+def one_backward_of_the_total(model, images, targets, options, backbone=None):
+    """dense_sparse_step's loss (distill_weight 0.5, temperature 2) as it was first written:
+    both passes' graphs alive at once, one backward of the total."""
+    inner = model if backbone is None else backbone
+    dense = dict(keep_rate=1.0) if isinstance(inner, SparseVisionTransformer) else dict(ratios=0.0)
+    sparse_ops.set_sparsity(inner, **dense)
+    dense_logits = model(images)
+    sparse_ops.set_sparsity(inner, **options)
+    sparse_logits = model(images)
+    sparse_ops.set_sparsity(inner, **dense)
+    criterion = torch.nn.CrossEntropyLoss()
+    (criterion(dense_logits, targets) + criterion(sparse_logits, targets)
+     + 0.5 * distillation_loss(sparse_logits, dense_logits, 2.0)).backward()
+
+
+STEP_CASES = {  # model, sparse_options, images, targets (drop path on: both must draw alike)
+    "vit keep_rate": (lambda: tiny_vit(drop_path_rate=0.2), dict(keep_rate=0.5), (4, 3, 32, 32), (4,)),
+    "vit mass": (lambda: tiny_vit(drop_path_rate=0.2), dict(mass=0.8), (4, 3, 32, 32), (4,)),
+    "swin": (lambda: tiny_swin(drop_path_rate=0.2), dict(ratios=[0.0, 0.5] * 4), (2, 3, 72, 72), (2,)),
+    "backbone": (PixelHead, dict(ratios=[0.0, 0.5] * 3), (2, 3, 32, 32), (2, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_dense_sparse_step_gradients_equal_one_backward_of_the_total(case):
+    build, options, image_shape, target_shape = STEP_CASES[case]
+    images, targets = torch.randn(image_shape), torch.randint(0, 3, target_shape)
+    grads = []
+    for separate_backwards in (True, False):
+        model = build()
+        backbone = getattr(model, "backbone", None)
+        torch.manual_seed(3)  # the same drop-path draws
+        if separate_backwards:  # lr 0: the step leaves the gradients and moves nothing
+            dense_sparse_step(model, images, targets, options, distill_weight=0.5, temperature=2.0,
+                              optimizer=torch.optim.SGD(model.parameters(), lr=0.0), backbone=backbone)
+        else:
+            one_backward_of_the_total(model, images, targets, options, backbone)
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    separate, total = grads
+    unused = {name for name, g in total.items() if g is None}  # the backbone's stages past the head's map
+    assert unused == {name for name, g in separate.items() if g is None} and len(unused) < len(total)
+    for name in total.keys() - unused:
+        err = (separate[name] - total[name]).abs().max().item()
+        assert err <= 1e-6 * max(1.0, total[name].abs().max().item()), f"{name}: {err:.2e}"
+
+
+class SavedForBackward:
+    """Counts the bytes of the tensors autograd keeps for backward while they are kept, and
+    their peak (a freed graph drops its saved tensors, and with them the holders made here)."""
+
+    def __init__(self):
+        self.alive = self.peak = 0
+
+    def watch(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
+
+    def _pack(self, tensor):
+        return _Held(self, tensor.detach())  # detached: a saved output would hold its own node (a cycle)
+
+
+class _Held:
+    def __init__(self, counter: SavedForBackward, tensor):
+        self.counter, self.tensor, self.nbytes = counter, tensor, tensor.numel() * tensor.element_size()
+        counter.alive += self.nbytes
+        counter.peak = max(counter.peak, counter.alive)
+
+    def __del__(self):
+        self.counter.alive -= self.nbytes
+
+
+@pytest.mark.parametrize("case", ["vit keep_rate", "swin"])
+def test_dense_sparse_step_keeps_one_pass_for_backward(case):
+    """The dense graph is freed before the sparse forward: the step keeps no more for backward
+    at once than a dense step (with both graphs alive: the sum of the two passes)."""
+    build, options, image_shape, target_shape = STEP_CASES[case]
+    model, images, targets = build(), torch.randn(image_shape), torch.randint(0, 3, target_shape)
+    dense, step = SavedForBackward(), SavedForBackward()
+    with dense.watch():  # the model is dense: patched at zero sparsity
+        torch.nn.functional.cross_entropy(model(images), targets).backward()
+    with step.watch():
+        dense_sparse_step(model, images, targets, options, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    assert dense.peak > 0 and step.alive == 0
+    assert step.peak <= dense.peak, f"the step kept {step.peak / dense.peak:.2f}x a dense step's saved bytes"
+
+
 # --------------------------------------------------------------------------------- DDP
 DDP_WORKER = textwrap.dedent("""
     import os, sys, torch, timm, torch.distributed as dist
@@ -226,9 +313,10 @@ def test_ddp_two_ranks_stay_in_sync(tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "params.pt"
     script.write_text(DDP_WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")  # TRITON_INTERPRET as conftest set it
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                    f"--master_port={port}", str(script), str(out)], check=True, env=env, timeout=120,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = run_within_budget([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(out)], 120,
+                               "two DDP ranks", env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-4000:]
     first, second = (torch.load(f"{out}.{rank}") for rank in (0, 1))
     initial = [p.detach() for p in tiny_vit().parameters()]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
