@@ -169,7 +169,8 @@ def test_side_by_side_commands(tmp_path, monkeypatch):
     assert gpu_check.run_phase(gpu_check.Phase("fails", 30, ""), sys.executable, tmp_path, "9.0", 30.0)["rc"] == 1
     start = time.monotonic()
     slow = gpu_check.run_phase(gpu_check.Phase("slow", 1, ""), sys.executable, tmp_path, "9.0", 1.0)
-    assert slow["status"] == "timed out" and time.monotonic() - start < 30
+    # killed at its limit: the commands sleep 60 s after their start, however loaded the machine
+    assert slow["status"] == "timed out" and time.monotonic() - start < 60
 
 
 def test_test_counts_add_up_every_run_in_a_log(tmp_path):
@@ -232,9 +233,8 @@ def test_plan_prints_phases_cases_and_targets(capsys):
 
 def test_without_a_gpu_it_stops_at_once(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    start = time.monotonic()
+    monkeypatch.setattr(gpu_check, "run_phase", lambda *args: pytest.fail("a phase ran without a GPU"))
     assert gpu_check.main([]) == 2
-    assert time.monotonic() - start < 5
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
@@ -244,7 +244,8 @@ def test_a_phase_stops_at_its_limit_and_a_failure_is_recorded(tmp_path, monkeypa
     monkeypatch.setattr(gpu_check, "phase_commands", lambda name, python, out: commands[name])
     start = time.monotonic()
     slept = gpu_check.run_phase(gpu_check.Phase("sleeps", 1, ""), sys.executable, tmp_path, "9.0", 1.0)
-    assert slept["status"] == "timed out" and time.monotonic() - start < 10
+    # killed at its limit: the command sleeps 60 s after it prints, however loaded the machine
+    assert slept["status"] == "timed out" and time.monotonic() - start < 60
     assert "started" in (tmp_path / "sleeps.log").read_text()
     failed = gpu_check.run_phase(gpu_check.Phase("fails", 10, ""), sys.executable, tmp_path, "9.0", 10.0)
     assert failed["status"] == "failed" and failed["rc"] == 3
