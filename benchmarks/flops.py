@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
+from sparse_ops.select import kept_count
+
 
 def _weights(module: nn.Module) -> int:
     """Multiply-adds per token of all the Linear layers in module."""
@@ -42,6 +44,17 @@ def evit_schedule(num_tokens: int, depth: int, prune_layers: Sequence[int], kept
         schedule.append((n, after))
         n = after
     return schedule
+
+
+def fixed_rate_schedule(model, prune_layers: Sequence[int], keep_rate: float) -> Schedule:
+    """evit_schedule of one image of a ViT pruned at a fixed keep rate (every image keeps the
+    same counts: at each prune layer the op's count of the non-prefix tokens left)."""
+    P = model.num_prefix_tokens
+    kept, candidates = [], model.patch_embed.num_patches
+    for _ in prune_layers:
+        candidates = kept_count(keep_rate, candidates)
+        kept.append(candidates)
+    return evit_schedule(model.patch_embed.num_patches + P, len(model.blocks), prune_layers, kept, P)
 
 
 def vit_block(block, attn_tokens: int, mlp_tokens: int) -> int:

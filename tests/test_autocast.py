@@ -44,6 +44,18 @@ def leaves(*tensors):
 
 
 # ------------------------------------------------------------------------------- ops
+def assert_float32_grads_close(out, expected, ins, ref_ins):
+    """Backward (outside autocast, as AMP training does) of out and of its float64 reference with
+    one random gradient: the float32 leaves' gradients are float32, finite and within bf16
+    tolerance."""
+    g = randn(*out.shape, seed=9)
+    out.backward(g.to(out.dtype))
+    expected.backward(g.double())
+    for got, want in zip(grads(ins), grads(ref_ins)):
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert_bf16_close(got, want, rel=3e-2)
+
+
 def test_gather_layernorm_linear(path):
     x, nw, nb, w, b = (randn(*s, seed=i) for i, s in enumerate([(13, 24), (24,), (24,), (20, 24), (20,)]))
     rows = torch.tensor([3, -1, 0, 12, 3, 7, -1, 5, 3])
@@ -55,12 +67,7 @@ def test_gather_layernorm_linear(path):
     ref_ins = leaves(*(t.double() for t in (x, nw, nb, w, b)))
     expected = reference.gather_layernorm_linear(ref_ins[0], rows, *ref_ins[1:4], ref_ins[4])
     assert_bf16_close(out, expected)
-    g = randn(*out.shape, seed=9)
-    out.backward(g.to(LOW))  # outside autocast, as AMP training does
-    expected.backward(g.double())
-    for got, want in zip(grads(ins), grads(ref_ins)):
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        assert_bf16_close(got, want, rel=3e-2)
+    assert_float32_grads_close(out, expected, ins, ref_ins)
 
 
 def test_gather_layernorm_linear_accepts_what_autocast_does(path):
@@ -89,12 +96,7 @@ def test_linear_residual_scatter(path):
     assert_bf16_close(out, expected)
     # the GEMM ran in bf16: its error is bf16's, far above float32's
     assert (out.double() - expected).abs().max() > 1e-4
-    g = randn(*out.shape, seed=9)
-    out.backward(g)
-    expected.backward(g.double())
-    for got, want in zip(grads(ins), grads(ref_ins)):
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        assert_bf16_close(got, want, rel=3e-2)
+    assert_float32_grads_close(out, expected, ins, ref_ins)
     with autocast(), torch.no_grad():  # bf16 h into a float32 base, in place
         into = base.clone()
         assert fused.linear_residual_scatter(h.to(LOW), w, b, into, rows, inplace=True) is into
@@ -113,12 +115,7 @@ def test_varlen_attention(path):
     expected, expected_cls = reference.varlen_attention(*ref_ins, cu, 7, return_cls_attn=True)
     assert_bf16_close(out, expected)
     assert_bf16_close(cls_attn, expected_cls)
-    g = randn(*out.shape, seed=9)
-    out.backward(g.to(LOW))
-    expected.backward(g.double())
-    for got, want in zip(grads(ins), grads(ref_ins)):
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        assert_bf16_close(got, want, rel=3e-2)
+    assert_float32_grads_close(out, expected, ins, ref_ins)
 
 
 def test_window_attention(path):
@@ -135,12 +132,7 @@ def test_window_attention(path):
     ref_ins = leaves(*(t.double() for t in (q, k, v, bias, scale)))
     expected = reference.window_attention(*ref_ins[:3], ids, bias=ref_ins[3], mask=mask.double(), scale=ref_ins[4])
     assert_bf16_close(out, expected)
-    g = randn(*out.shape, seed=9)
-    out.backward(g.to(LOW))
-    expected.backward(g.double())
-    for got, want in zip(grads(ins), grads(ref_ins)):
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        assert_bf16_close(got, want, rel=3e-2)
+    assert_float32_grads_close(out, expected, ins, ref_ins)
 
 
 def _row_ops(dtype):

@@ -36,7 +36,6 @@ import functools
 
 import torch
 
-from sparse_ops.select import kept_count
 
 from .. import baselines, flops
 from ..core import Case, Config, NO_FLEX, Setup, Unavailable, compiled, guarded, pick
@@ -78,11 +77,7 @@ def _eva(cfg: Config, model: str, batch: int, keep_rate: float) -> Setup:
     net = baselines.model(model, cfg.device, cfg.dtype, None)
     images = _images(net, batch, cfg)
     layers = baselines.prune_layers(len(net.blocks))
-    kept = [net.patch_embed.num_patches]
-    for _ in layers:
-        kept.append(kept_count(keep_rate, kept[-1]))
-    P = net.num_prefix_tokens
-    schedule = flops.evit_schedule(net.patch_embed.num_patches + P, len(net.blocks), layers, kept[1:], P)
+    schedule = flops.fixed_rate_schedule(net, layers, keep_rate)
     dense, sparse = flops.vit(net, batch), flops.vit(net, batch, [schedule] * batch)
     ours = guarded(lambda: baselines.patched("eva", net, keep_rate=keep_rate, prune_layers=layers))
     methods = {"dense": lambda: net(images),
@@ -95,14 +90,8 @@ def _vit_no_class(cfg: Config, model: str, batch: int, keep_rate: float) -> Setu
     net = baselines.model(model, cfg.device, cfg.dtype, None)
     images = _images(net, batch, cfg)
     layers = baselines.prune_layers(len(net.blocks))
-    P = net.num_prefix_tokens
-    N = net.patch_embed.num_patches + P
-    kept, candidates = [], N - P  # a fixed rate keeps the same counts in every image
-    for _ in layers:
-        candidates = kept_count(keep_rate, candidates)
-        kept.append(candidates)
     dense = flops.vit(net, batch)
-    sparse = flops.vit(net, batch, [flops.evit_schedule(N, len(net.blocks), layers, kept, P)] * batch)
+    sparse = flops.vit(net, batch, [flops.fixed_rate_schedule(net, layers, keep_rate)] * batch)
     ours = guarded(lambda: baselines.patched("vit", net, keep_rate=keep_rate, prune_layers=layers))
     methods = {"dense": lambda: net(images),
                "naive": Unavailable("the EViT-style peer ranks tokens by the class token's row; this model has none"),

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from sparse_ops import set_sparsity
-from sparse_ops.select import kept_count
 from sparse_ops.train import dense_sparse_step
 
 from .. import baselines, flops
@@ -75,14 +74,8 @@ def _setup(methods, dense_flops: float, sparse_flops: float) -> Setup:
 def _vit(cfg: Config, model: str, batch: int, keep_rate: float) -> Setup:
     net = _train_model(model, cfg)
     layers = baselines.prune_layers(len(net.blocks))
-    P = net.num_prefix_tokens
-    N = net.patch_embed.num_patches + P
-    kept, candidates = [], N - P  # a fixed rate keeps the same counts in every image
-    for _ in layers:
-        candidates = kept_count(keep_rate, candidates)
-        kept.append(candidates)
     dense_flops = flops.vit(net, batch)
-    sparse_flops = flops.vit(net, batch, [flops.evit_schedule(N, len(net.blocks), layers, kept, P)] * batch)
+    sparse_flops = flops.vit(net, batch, [flops.fixed_rate_schedule(net, layers, keep_rate)] * batch)
     images = torch.randn(batch, 3, *net.patch_embed.img_size, device=cfg.device, dtype=cfg.dtype)
     targets = torch.randint(0, net.num_classes, (batch,), device=cfg.device)
     patched = guarded(lambda: baselines.patched("vit", net, prune_layers=layers))
