@@ -3,19 +3,22 @@
 code does it) and ours (sparse_ops.patch, where this checkout has it)."""
 import copy
 import functools
+import itertools
+import math
 from typing import Callable, List, Optional, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import apply_rot_embed_cat
+from timm.layers import apply_rot_embed_cat, resample_abs_pos_embed_nhwc
+from timm.models import vision_transformer_sam as timm_sam
 from timm.models.swin_transformer import WindowAttention, window_partition, window_reverse
 from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 
 from sparse_ops.select import kept_count
 
 from .core import Unavailable
-from .flops import swin_windows
+from .flops import sam_window_grid, swin_windows
 
 # label -> (timm model, its arguments); pretrained=False always: the timings do not depend on
 # the weights, and a benchmark machine may have no network.
@@ -25,6 +28,9 @@ MODELS = {
     "swin_tiny": ("swin_tiny_patch4_window7_224", {}),
     "swinv2_tiny": ("swinv2_tiny_window8_256", {}),
     "eva02_tiny": ("eva02_tiny_patch14_224", {}),
+    "samvit_base": ("samvit_base_patch16", {}),
+    # SAM ViT-B's first three blocks (windowed, windowed, global: its pattern): a CPU-sized stand-in
+    "samvit_base_d3": ("samvit_base_patch16", dict(depth=3, global_attn_indexes=(2,))),
     "vit_base_clip": ("vit_base_patch16_clip_224", {}),
     "siglip_base": ("vit_base_patch16_siglip_224", {}),
     # Tiny stand-ins for --quick, the smoke run of the tests (18x18 tokens: padded windows).
@@ -36,6 +42,9 @@ MODELS = {
                                                        num_heads=(1, 2, 2, 4), num_classes=10)),
     "eva_test": ("eva02_tiny_patch14_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3,
                                                 num_classes=10)),
+    # 10x10 tokens in 4x4 windows: 9 windows, the last row and column padded
+    "samvit_test": ("samvit_base_patch16", dict(img_size=160, embed_dim=64, depth=4, num_heads=2, window_size=4,
+                                                global_attn_indexes=(1, 3), neck_chans=32)),
 }
 
 
@@ -65,6 +74,8 @@ def patched(kind: str, net: torch.nn.Module, **options):
         from sparse_ops import patch
     except ImportError:
         return Unavailable("sparse_ops.patch is not in this checkout yet")
+    if not hasattr(patch, kind):
+        return Unavailable(f"sparse_ops.patch.{kind} is not in this checkout yet")
     return getattr(patch, kind)(copy.deepcopy(net), **options)
 
 
@@ -261,6 +272,101 @@ def sparsevit_features(net, images: torch.Tensor, kept_windows: Sequence[int], a
     """The backbone: every stage's output, NCHW, as timm's forward_intermediates(x,
     intermediates_only=True) returns them (SparseViT times the backbone this way)."""
     return [x.permute(0, 3, 1, 2).contiguous() for x in sparsevit_stages(net, images, kept_windows, attention)]
+
+
+# ------------------------------------------------------- SparseViT-style SAM encoder
+def sam_kept_windows(net, ratios, grid) -> List[Optional[int]]:
+    """Per block of a timm VisionTransformerSAM on a grid = (H, W) token map: the windows it
+    keeps for ratios (the fraction pruned: one float for every windowed block, or one per
+    block), None for a global block."""
+    blocks = list(net.blocks)
+    ratios = [ratios if b.window_size else 0.0 for b in blocks] if isinstance(ratios, float) else list(ratios)
+    if len(ratios) != len(blocks):
+        raise ValueError(f"ratios must be a float or one per block ({len(blocks)}), got {len(ratios)}")
+    return [kept_count(1.0 - r, math.prod(sam_window_grid(grid, b.window_size))) if b.window_size else None
+            for b, r in zip(blocks, ratios)]
+
+
+def sam_ranking(x: torch.Tensor, window_size: int, num_keep: int) -> torch.Tensor:
+    """[B, num_keep] the windows of x [B, H, W, C] on timm SAM's grid (zero-padded to multiples
+    of window_size) with the largest L2 norm of their tokens' mean |x|, best first (SparseViT's
+    importance; in float32, as ours: bfloat16-rounded scores tie)."""
+    means, _ = timm_sam.window_partition(x.float().abs().mean(-1, keepdim=True), window_size)
+    return means.view(x.shape[0], -1, window_size**2).norm(dim=-1).topk(num_keep, dim=1).indices
+
+
+def sam_naive_block(block, x: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """A timm SAM Block on the windows [B, K] of x [B, H, W, C] only, with plain index ops
+    around timm's layers: norm1 and timm's window_partition (padding), index_select of the
+    kept windows, timm's attention on them (its own rel-pos), index_copy into a zero padded
+    frame, window_unpartition, residual; then the MLP on the kept windows' real tokens only
+    (index_select, MLP, index_copy). Pruned windows pass through unchanged."""
+    B, H, W, C = x.shape
+    ws = block.window_size
+    frame, padded = timm_sam.window_partition(block.norm1(x), ws)  # [B * nW, ws, ws, C]
+    grid_h, grid_w = sam_window_grid((H, W), ws)
+    rows = (windows + grid_h * grid_w * torch.arange(B, device=x.device)[:, None]).flatten()
+    attended = block.drop_path1(block.ls1(block.attn(frame.index_select(0, rows))))
+    x = x + timm_sam.window_unpartition(torch.zeros_like(frame).index_copy(0, rows, attended), ws, (H, W), padded)
+    # which real tokens lie in a kept window: the window of each token, looked up in a kept mask
+    r, c = torch.arange(H, device=x.device) // ws, torch.arange(W, device=x.device) // ws
+    token_window = (r[:, None] * grid_w + c).flatten()  # [H * W]
+    kept = torch.zeros(B, grid_h * grid_w, dtype=torch.bool, device=x.device).scatter_(1, windows, True)
+    tokens = kept[:, token_window].flatten().nonzero().squeeze(1)  # [T] rows of x.view(B * H * W, C)
+    x2d = x.reshape(B * H * W, C)
+    h = x2d.index_select(0, tokens)
+    h = h + block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
+    return x2d.index_copy(0, tokens, h).view(B, H, W, C)
+
+
+def sam_naive_forward(net, images: torch.Tensor, ratios, kept: Optional[list] = None) -> torch.Tensor:
+    """A timm VisionTransformerSAM's encoder output (patch embedding, blocks, neck: its
+    forward_features) pruning windows SparseViT's way: each run of consecutive windowed blocks
+    ranks its windows once, on the run's input, and its blocks keep prefixes of that ranking
+    (sam_naive_block); global blocks and blocks that keep every window run timm's. kept, if
+    given, receives per block the kept window ids of each image, or None (for the FLOP count)."""
+    x = net.patch_embed(images)
+    if net.pos_embed is not None:
+        x = x + resample_abs_pos_embed_nhwc(net.pos_embed, x.shape[1:3])
+    x = net.norm_pre(net.patch_drop(net.pos_drop(x)))
+    counts = sam_kept_windows(net, ratios, x.shape[1:3])
+    order = None
+    for i, (block, k) in enumerate(zip(net.blocks, counts)):
+        total = None if k is None else math.prod(sam_window_grid(x.shape[1:3], block.window_size))
+        if k is not None and (i == 0 or counts[i - 1] is None):  # a run of windowed blocks begins
+            run = itertools.takewhile(lambda c: c is not None, counts[i:])
+            most = max((c for c in run if c < total), default=None)  # the most windows a block of it keeps
+            order = None if most is None else sam_ranking(x, block.window_size, most)
+        ids = None if k is None or k == total else order[:, :k]
+        x = block(x) if ids is None else sam_naive_block(block, x, ids)
+        if kept is not None:
+            kept.append(None if ids is None else ids.tolist())
+    return net.neck(x.permute(0, 3, 1, 2))
+
+
+def sam_changed_windows(net, images: torch.Tensor) -> List[Optional[list]]:
+    """Per block of a (patched) SAM encoder, the windows of the model's window grid whose tokens
+    the block changed, per image ([B][K] ids; a pruned window passes through unchanged), or
+    None for a global block that ran on every token: what the FLOP count needs of a run whose
+    ranking is internal (query-pruned global blocks)."""
+    ws = max(block.window_size for block in net.blocks)
+    changed = []
+
+    def record(block, args, out):
+        x = args[0]
+        moved, _ = timm_sam.window_partition((out != x).any(-1, keepdim=True).float(), ws)
+        per_window = moved.view(x.shape[0], -1, ws * ws).amax(-1) > 0  # [B, nW]
+        changed.append(None if not block.window_size and bool(per_window.all()) else
+                       [row.nonzero().flatten().tolist() for row in per_window])
+
+    hooks = [block.register_forward_hook(record) for block in net.blocks]
+    try:
+        with torch.no_grad():
+            net.forward_features(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return changed
 
 
 # ------------------------------------------------------------------------- peers

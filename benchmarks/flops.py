@@ -1,10 +1,11 @@
-"""Analytical FLOP counts of timm ViT and Swin forwards, dense or pruned: the ideal speedup
-of a sparse configuration is dense FLOPs / sparse FLOPs.
+"""Analytical FLOP counts of timm ViT, Swin and SAM-encoder forwards, dense or pruned: the
+ideal speedup of a sparse configuration is dense FLOPs / sparse FLOPs.
 
 Counted like torch.utils.flop_counter.FlopCounterMode (the tests check the dense counts
 against it): 2 FLOPs per multiply-add of every Linear, convolution and attention matmul
-(q k^T and p v); normalisation, softmax, activations and index ops are free. The work of
-choosing what to prune (scores, top-k) is not counted: the ideal is the sparse model's math.
+(q k^T and p v; in SAM also q against the relative-position tables); normalisation,
+softmax, activations and index ops are free. The work of choosing what to prune (scores,
+top-k) is not counted: the ideal is the sparse model's math.
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -109,3 +110,67 @@ def swin(model, batch: int, kept_windows: Optional[Sequence[float]] = None) -> f
             total += 2 * math.prod(stage.output_resolution) * _weights(stage.downsample)
     total += sum(swin_block(b, k) for b, k in zip(blocks, kept))
     return batch * total
+
+
+# ------------------------------------------------------------------------------ SAM
+def sam_window_grid(grid: Sequence[int], window_size: int) -> Tuple[int, int]:
+    """Windows down and across a [H, W] token map zero-padded to multiples of window_size."""
+    return math.ceil(grid[0] / window_size), math.ceil(grid[1] / window_size)
+
+
+def sam_window_tokens(grid: Sequence[int], window_size: int) -> List[int]:
+    """The real (not padding) tokens of each window of that grid, in timm's window order."""
+    H, W = grid
+    return [min(window_size, H - r) * min(window_size, W - c)
+            for r in range(0, H, window_size) for c in range(0, W, window_size)]
+
+
+def sam_block(block, grid: Sequence[int], kept: Optional[Sequence[int]] = None, grid_window: int = 0) -> int:
+    """One image through a timm SAM Block on a grid = (H, W) token map. A windowed block: qkv,
+    attention (with the decomposed rel-pos terms) and proj on the windows kept (ids; default
+    all) whole, padding included, as timm partitions them; the MLP on their real tokens only.
+    A global block (window_size 0): every token; or, query-pruned (kept ids of the model's
+    grid_window grid), q, the attention, proj and MLP for the kept windows' real tokens, k and
+    v for every token."""
+    ws, attn_dim = block.window_size, block.attn.num_heads * block.attn.head_dim
+    tokens = math.prod(grid)
+    if not ws and kept is not None:
+        real = sam_window_tokens(grid, grid_window)
+        queries = sum(real[w] for w in kept)
+        rel_pos = 2 * queries * attn_dim * sum(grid) if block.attn.use_rel_pos else 0
+        return (2 * (queries + 2 * tokens) * attn_dim * block.attn.qkv.in_features
+                + attention_core(queries, tokens, attn_dim) + rel_pos
+                + 2 * queries * (_weights(block.attn.proj) + _weights(block.mlp)))
+    if ws:
+        real = sam_window_tokens(grid, ws)
+        kept = range(len(real)) if kept is None else kept
+        windows, span, mlp_tokens = len(kept), (ws, ws), sum(real[w] for w in kept)
+    else:
+        windows, span, mlp_tokens = 1, tuple(grid), tokens
+    area = math.prod(span)
+    # q against the height and the width tables: 2 n D (wh + ww) per head and window
+    rel_pos = 2 * windows * area * attn_dim * sum(span) if block.attn.use_rel_pos else 0
+    return (2 * windows * area * _weights(block.attn) + windows * attention_core(area, area, attn_dim) + rel_pos
+            + 2 * mlp_tokens * _weights(block.mlp))
+
+
+def _sam_neck(model) -> int:
+    """The neck's convolutions (stride 1, same padding) on the token map."""
+    H, W = model.patch_embed.grid_size
+    return sum(2 * H * W * m.out_channels * m.in_channels // m.groups * math.prod(m.kernel_size)
+               for m in model.neck.modules() if isinstance(m, nn.Conv2d))
+
+
+def sam(model, batch: int, kept_windows: Optional[Sequence[Optional[Sequence[Sequence[int]]]]] = None) -> int:
+    """timm's SAM image encoder (VisionTransformerSAM.forward_features: patch embedding, blocks,
+    neck; no head) on `batch` images at the model's img_size. kept_windows: per block, None
+    (every window or token) or the window ids each image keeps ([batch][K]); for a global
+    block, ids of the windowed blocks' grid: its queries (patch.sam's query_pruned_global)."""
+    grid = model.patch_embed.grid_size
+    grid_window = max(block.window_size for block in model.blocks)
+    total = batch * (_patch_embed(model) + _sam_neck(model))
+    for i, block in enumerate(model.blocks):
+        kept = None if kept_windows is None else kept_windows[i]
+        total += batch * sam_block(block, grid) if kept is None else sum(
+            sam_block(block, grid, ids, grid_window) for ids in kept)
+    return total

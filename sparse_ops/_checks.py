@@ -126,7 +126,7 @@ def unique_windows(windows: torch.Tensor, name: str) -> None:
 
 
 # ------------------------------------------------------------ arguments of the model API
-def _scalar(value) -> Optional[float]:
+def scalar(value) -> Optional[float]:
     """value as a float if it is one real number (a Python or numpy number, or a 0-d tensor
     or array), else None."""
     if isinstance(value, bool):
@@ -155,7 +155,7 @@ def _sequence(value, name: str, what: str) -> list:
 def numbers(value, name: str, what: str = "a sequence of numbers") -> List[float]:
     """Any 1-D sequence of real numbers (list, tuple, numpy array, tensor, ...) as floats."""
     entries = _sequence(value, name, what)
-    out = [_scalar(v) for v in entries]
+    out = [scalar(v) for v in entries]
     if any(v is None for v in out):
         bad = next(e for e, v in zip(entries, out) if v is None)
         raise TypeError(f"{name} must be {what}, got an entry {bad!r} ({type(bad).__name__})")
@@ -178,7 +178,7 @@ def window_ratios(ratios, depths: Sequence[int]) -> List[float]:
     blocks keep nested sets of them, so a decrease raises a ValueError naming stage and block."""
     total = sum(depths)
     expected = f"a float, one per stage ({len(depths)}) or one per block ({total})"
-    single = _scalar(ratios)
+    single = scalar(ratios)
     if single is not None:
         per_block = [single] * total
     else:

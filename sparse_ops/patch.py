@@ -8,7 +8,8 @@ from types import SimpleNamespace
 from typing import Iterable, Optional, Sequence, Union
 
 from timm.layers import GluMlp, Mlp, RotaryEmbeddingCat, SwiGLU
-from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+from timm.layers.attention import AttentionRope
+from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3, RotaryEmbeddingMixed
 from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
@@ -16,11 +17,12 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, 
 from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Stage
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models import vision_transformer_sam as timm_sam
 from torch import nn
 
 from . import _checks as check
-from .nn import (SparseBlock, SparseEva, SparseEvaBlock, SparseSwinBlock, SparseSwinStage, SparseVisionTransformer,
-                 SparseVisionTransformerDistilled, swinv2)
+from .nn import (SparseBlock, SparseEva, SparseEvaBlock, SparseSamBlock, SparseSwinBlock, SparseSwinStage,
+                 SparseVisionTransformer, SparseVisionTransformerDistilled, SparseVisionTransformerSAM, swinv2)
 
 
 def default_prune_layers(depth: int) -> tuple:
@@ -39,7 +41,8 @@ _SPARSE_VIT_CLASSES = dict(_SUPPORTED_VIT_CLASSES)  # and those made for subclas
 
 
 def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] = None,
-        prune_layers: Optional[Sequence[int]] = None, package: bool = False) -> VisionTransformer:
+        prune_layers: Optional[Sequence[int]] = None, package: bool = False,
+        ratios: Union[None, float, Sequence[float]] = None) -> VisionTransformer:
     """Token pruning (SaiT / EViT) for a timm VisionTransformer (vit_*, deit_*, the distilled
     deit_*_distilled_*), or the features_only wrapper timm builds around one, in place.
 
@@ -61,8 +64,16 @@ def vit(model: VisionTransformer, keep_rate: float = 1.0, mass: Optional[float] 
     A VisionTransformer subclass that defines its own forward, forward_features,
     forward_head, forward_intermediates, _pos_embed or pool (other than timm's distilled
     DeiT) is refused with a TypeError, and on any error the model is left as it was.
-    A timm Eva (or a wrapper around one) goes to patch.eva. Returns the model (the wrapper,
-    for a features_only one)."""
+    A timm Eva (or a wrapper around one) goes to patch.eva; timm's SAM encoder
+    (VisionTransformerSAM), which prunes windows, not tokens, to patch.sam with `ratios`
+    (ratios is for SAM only). Returns the model (the wrapper, for a features_only one)."""
+    if _is_sam(model):
+        if (keep_rate, mass, prune_layers, package) != (1.0, None, None, False):
+            raise ValueError("a VisionTransformerSAM prunes windows: pass ratios (see patch.sam), not keep_rate, "
+                             "mass, prune_layers or package")
+        return sam(model, ratios=0.0 if ratios is None else ratios)
+    if ratios is not None:
+        raise ValueError("ratios is for window pruning (SAM, Swin); a ViT takes keep_rate or mass")
     if isinstance(model, Eva) or isinstance(getattr(model, "model", None), Eva):
         return eva(model, keep_rate=keep_rate, mass=mass, prune_layers=prune_layers, package=package)
     wrapper = model
@@ -136,39 +147,43 @@ def _check_vit_block(blk: nn.Module, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------ Eva
-_EVA_ROPES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3)  # get_embed(): one [N, 2 * head_dim] table
+# get_embed(): one [N, 2 * head_dim] table for every block, or (Mixed) one [num_heads, N, 2 * head_dim] per block
+_EVA_ROPES = (RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed)
 
 
 def eva(model: Eva, keep_rate: float = 1.0, mass: Optional[float] = None,
         prune_layers: Optional[Sequence[int]] = None, package: bool = False) -> Eva:
-    """Token pruning for a timm Eva (eva02_*, eva_*: rotary position embeddings, SwiGLU or
-    GELU MLP, q/k norms, LayerScale) or the features_only wrapper timm builds around one, in
+    """Token pruning for a timm Eva (eva02_*, eva_*, the ROPE-ViTs vit_*_rope_*: rotary
+    position embeddings, SwiGLU or GELU MLP, q/k norms, LayerScale) or the features_only wrapper timm builds around one, in
     place, as patch.vit does for a VisionTransformer (patch.vit hands Eva models here; same
     arguments and return types). Each kept token takes its rotary embedding with it, so a
     pruned block is timm's EvaBlock on the kept tokens with their own rope
     (sparse_ops.nn.eva).
 
     Supported: a class token (its attention row ranks the tokens) or none (the attention each
-    token receives ranks them, as in patch.vit), register tokens, rope None or
-    'cat' / 'dinov3' (one table for all blocks, fixed or dynamic image size), EvaBlock with
-    EvaAttention (fused or separate q/k/v) without gate or attention dropout, global_pool
-    'token', 'avg' or ''. Anything else (EvaBlockPostNorm, 'mixed' or 'mrope'
-    rope, attn_type 'rope', 'map' pooling, a subclass of Eva) raises a TypeError or
-    ValueError naming it, before the model is changed; on any error it is left as it was."""
+    token receives ranks them, as in patch.vit), register tokens, rope None, 'cat' /
+    'dinov3' (one table for all blocks) or 'mixed' (one learnt table per block and head), at a
+    fixed or dynamic image size, EvaBlock with EvaAttention or AttentionRope (attn_type
+    'rope': fused or separate q/k/v, grouped-query attention) without gate or attention
+    dropout, global_pool 'token', 'avg' or ''. Anything else (EvaBlockPostNorm, 'mrope' rope,
+    a gate, 'map' pooling, a subclass of Eva) raises a TypeError or ValueError naming it,
+    before the model is changed; on any error it is left as it was."""
     wrapper = model
     if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), Eva):
         model = model.model
     if type(model) not in (Eva, SparseEva):
         raise TypeError(f"patch.eva takes timm's Eva (or a features_only wrapper around one), "
                         f"got {type(model).__name__}")
-    if model.rope is not None and (model.rope_mixed or not isinstance(model.rope, _EVA_ROPES)):
-        raise TypeError(f"patch.eva supports Eva's rope_type 'cat' and 'dinov3' (one [N, E] table for every "
-                        f"block), not {type(model.rope).__name__}")
+    if model.rope is not None and not isinstance(model.rope, _EVA_ROPES):
+        raise TypeError(f"patch.eva supports Eva's rope_type 'cat', 'dinov3' and 'mixed', not "
+                        f"{type(model.rope).__name__}")
     for i, blk in enumerate(model.blocks):
         _check_eva_block(blk, f"model.blocks[{i}]", model.num_prefix_tokens)
     if model.attn_pool is not None or model.global_pool not in ("token", "avg", ""):
         raise ValueError(f"patch.eva supports global_pool 'token', 'avg' or '', got {model.global_pool!r}")
     _install_token_pruning(model, SparseEva, SparseEvaBlock, keep_rate, mass, prune_layers, package)
+    for i, blk in enumerate(model.blocks):  # 'mixed': SparseEva hands every block all the tables
+        blk.rope_index = i if model.rope_mixed else None
     return wrapper
 
 
@@ -205,9 +220,11 @@ def _check_eva_block(blk: nn.Module, name: str, num_prefix_tokens: int) -> None:
     if type(blk) not in (EvaBlock, SparseEvaBlock):
         raise TypeError(f"{name} is a {type(blk).__name__}; patch.eva supports timm's EvaBlock")
     attn = blk.attn
-    if type(attn) is not EvaAttention or attn.gate is not None:
-        raise TypeError(f"{name}.attn must be timm's EvaAttention without a gate (attn_type 'eva', gated_attn=False), "
-                        f"got {type(attn).__name__}")
+    if type(attn) not in (EvaAttention, AttentionRope):
+        raise TypeError(f"{name}.attn must be timm's EvaAttention or AttentionRope, got {type(attn).__name__}")
+    if attn.gate is not None:
+        raise TypeError(f"{name}.attn has a gate (gated_attn=True: a sigmoid gate on the attention output), "
+                        f"which patch.eva does not support")
     if attn.attn_drop.p > 0:
         raise ValueError(f"{name}.attn has attention dropout ({attn.attn_drop.p}), which packed attention lacks")
     if attn.num_prefix_tokens != num_prefix_tokens:
@@ -217,6 +234,90 @@ def _check_eva_block(blk: nn.Module, name: str, num_prefix_tokens: int) -> None:
         raise TypeError(f"{name}.norm1 must be a LayerNorm (fused into the qkv GEMM), got {type(blk.norm1).__name__}")
     if not isinstance(blk.mlp, (Mlp, GluMlp, SwiGLU)):
         raise TypeError(f"{name}.mlp must be timm's Mlp, GluMlp or SwiGLU, got {type(blk.mlp).__name__}")
+
+
+# ------------------------------------------------------------------------------ SAM
+def _is_sam(model: nn.Module) -> bool:
+    inner = model.model if isinstance(model, FeatureGetterNet) else model
+    return isinstance(inner, timm_sam.VisionTransformerSAM)
+
+
+def sam(model: nn.Module, ratios: Union[float, Sequence[float]] = 0.0, query_pruned_global: bool = False) -> nn.Module:
+    """Window pruning (SparseViT) for timm's SAM image encoder (VisionTransformerSAM:
+    samvit_*, ViTDet-style windowed plain ViTs) or the features_only wrapper timm builds
+    around it, in place, at any input size (sparse_ops.nn.sam). patch.vit hands such models
+    here.
+
+    ratios: the fraction of windows each block prunes, in [0, 1): one float (every windowed
+    block; with query_pruned_global every global block too) or one per block (a list, tuple,
+    numpy array or tensor; a global block's entry must be 0 unless query_pruned_global).
+    Windows are ranked once per run of consecutive windowed blocks and its blocks keep
+    prefixes of that ranking (nested sets, in any order of ratios). A kept window runs the
+    whole block; a pruned one passes through, so global blocks and the neck see a complete
+    map. Global blocks are timm's, dense, unless query_pruned_global: then a global block
+    with a ratio r takes as queries the tokens of the (1 - r) windows of its input with the
+    largest activation norm, every token as a key and value. 0 everywhere: timm's forward.
+
+    Supported: timm's Block with its Attention (decomposed relative position, RoPE or
+    neither; qk_norm), LayerNorms, Mlp, LayerScale, no attention dropout, one window size.
+    Anything else raises a TypeError or ValueError naming it, before the model is changed.
+    Returns the model (the wrapper, for a features_only one)."""
+    inner = model.model if isinstance(model, FeatureGetterNet) else model
+    if type(inner) not in (timm_sam.VisionTransformerSAM, SparseVisionTransformerSAM):
+        raise TypeError(f"model must be timm's VisionTransformerSAM or a features_only wrapper around one, got "
+                        f"{type(inner).__name__}")
+    if not isinstance(query_pruned_global, bool):
+        raise TypeError(f"query_pruned_global must be a bool, got {type(query_pruned_global).__name__}")
+    for i, blk in enumerate(inner.blocks):
+        _check_sam_block(blk, f"model.blocks[{i}]")
+    sizes = {blk.window_size for blk in inner.blocks if blk.window_size}
+    if len(sizes) > 1:
+        raise ValueError(f"patch.sam needs one window size for the windowed blocks, got {sorted(sizes)}")
+    if query_pruned_global and not sizes:
+        raise ValueError("query_pruned_global needs windowed blocks: their window grid ranks the queries")
+    with _restored_on_failure([inner, *inner.blocks]):
+        inner.__class__ = SparseVisionTransformerSAM
+        for blk in inner.blocks:
+            blk.__class__ = SparseSamBlock
+            blk.query_pruned = query_pruned_global and not blk.window_size
+            blk.grid_window = next(iter(sizes), 0)
+        set_sparsity(inner, ratios=ratios)
+    return model
+
+
+def _check_sam_block(blk: nn.Module, name: str) -> None:
+    if type(blk) not in (timm_sam.Block, SparseSamBlock):
+        raise TypeError(f"{name} is a {type(blk).__name__}; patch.sam supports timm's vision_transformer_sam.Block")
+    if type(blk.attn) is not timm_sam.Attention:
+        raise TypeError(f"{name}.attn must be timm's vision_transformer_sam.Attention, got {type(blk.attn).__name__}")
+    if blk.attn.attn_drop.p > 0:
+        raise ValueError(f"{name}.attn has attention dropout ({blk.attn.attn_drop.p}), which the window kernel lacks")
+    for part in ("norm1", "norm2"):
+        if not isinstance(getattr(blk, part), nn.LayerNorm):
+            raise TypeError(f"{name}.{part} must be a LayerNorm (fused into the next GEMM), got "
+                            f"{type(getattr(blk, part)).__name__}")
+    if not isinstance(blk.mlp, Mlp):
+        raise TypeError(f"{name}.mlp must be timm's Mlp, got {type(blk.mlp).__name__}")
+
+
+def _sam_ratios(model: SparseVisionTransformerSAM, ratios) -> list:
+    """One ratio per block from patch.sam's ratios (see there)."""
+    blocks = list(model.blocks)
+    prunable = [blk.prunable for blk in blocks]
+    expected = f"a float or one per block ({len(blocks)})"
+    single = check.scalar(ratios)
+    values = [single if p else 0.0 for p in prunable] if single is not None else check.numbers(ratios, "ratios",
+                                                                                              expected)
+    if len(values) != len(blocks):
+        raise ValueError(f"ratios must be {expected}, got {len(values)} values {values}")
+    bad = [r for r in values if not 0.0 <= r < 1.0]
+    if bad:
+        raise ValueError(f"ratios must be in [0, 1) (the fraction of windows pruned), got {bad[0]}")
+    for i, (r, p) in enumerate(zip(values, prunable)):
+        if r and not p:
+            raise ValueError(f"ratios[{i}] is {r} but block {i} is a global block, which runs dense unless "
+                             "patch.sam(..., query_pruned_global=True)")
+    return values
 
 
 # ------------------------------------------------------------------------------ Swin
@@ -315,8 +416,17 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
     """Change the density of a patched model at run time, on the same weights (SaiT's one
     model for many densities). ViT (patch.vit): keep_rate or mass (keep_rate=1.0: dense).
     Swin (patch.swin): ratios as in patch.swin (0.0: dense; a ValueError where they decrease
-    within a stage). Returns the model."""
+    within a stage). SAM (patch.sam): ratios as in patch.sam. Returns the model."""
     wrapper = model
+    if _is_patched_sam(model):
+        if keep_rate is not None or mass is not None:
+            raise ValueError("keep_rate and mass are for token pruning; a SAM model takes ratios")
+        if ratios is None:
+            raise ValueError("pass ratios")
+        inner = model.model if isinstance(model, FeatureGetterNet) else model
+        for blk, r in zip(inner.blocks, _sam_ratios(inner, ratios)):
+            blk.sparsity = r
+        return wrapper
     if isinstance(model, FeatureGetterNet) and isinstance(getattr(model, "model", None), _TOKEN_PRUNED):
         model = model.model
     if isinstance(model, _TOKEN_PRUNED):
@@ -344,7 +454,21 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
         for blk, r in zip(blocks, _per_block_ratios(stages, ratios)):
             blk.sparsity = r
         return model
-    raise TypeError(f"model must be patched by sparse_ops.patch.vit or patch.swin first, got {type(model).__name__}")
+    raise TypeError(f"model must be patched by sparse_ops.patch.vit, patch.swin or patch.sam first, got {type(model).__name__}")
+
+
+def _is_patched_sam(model: nn.Module) -> bool:
+    inner = model.model if isinstance(model, FeatureGetterNet) else model
+    return isinstance(inner, SparseVisionTransformerSAM)
+
+
+def window_pruned_blocks(model: nn.Module) -> list:
+    """The blocks of a model patched by patch.swin or patch.sam, in the order of its ratios."""
+    if _is_patched_sam(model):
+        return list((model.model if isinstance(model, FeatureGetterNet) else model).blocks)
+    if _is_patched_swin(model):
+        return [blk for _, stage in _swin_stages(model) for blk in stage.blocks]
+    raise TypeError(f"model must be patched by sparse_ops.patch.swin or patch.sam, got {type(model).__name__}")
 
 
 def _is_patched_swin(model: nn.Module) -> bool:
@@ -362,6 +486,6 @@ def _current_sparsity(model: nn.Module) -> dict:
         if blk is None:
             return dict(keep_rate=1.0)
         return dict(mass=blk.mass) if blk.mass is not None else dict(keep_rate=blk.keep_rate)
-    if _is_patched_swin(model):
-        return dict(ratios=[blk.sparsity for _, stage in _swin_stages(model) for blk in stage.blocks])
-    raise TypeError(f"model must be patched by sparse_ops.patch.vit or patch.swin, got {type(model).__name__}")
+    if _is_patched_swin(model) or _is_patched_sam(model):
+        return dict(ratios=[blk.sparsity for blk in window_pruned_blocks(model)])
+    raise TypeError(f"model must be patched by sparse_ops.patch.vit, patch.swin or patch.sam, got {type(model).__name__}")

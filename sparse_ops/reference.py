@@ -197,9 +197,11 @@ def received_attention(q, k, v, cu_seqlens, scale=None):
     return _per_sequence_attention(q, k, v, cu_seqlens, scale, lambda p: p.mean(1).mean(0))
 
 
-def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None):
-    """softmax(q k^T * scale + bias[h] + mask[window_ids[m]]) v for windows [M, H, n, D],
-    computed in the inputs' dtype. scale: a number or a tensor [H] (one per head)."""
+def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None, rel_h=None, rel_w=None):
+    """softmax(q k^T * scale + bias[h] + mask[window_ids[m]] + rel) v for windows [M, H, n, D],
+    computed in the inputs' dtype. scale: a number or a tensor [H] (one per head). rel: SAM's
+    decomposed relative position, rel[m, h, i, j] = rel_h[m, h, i, j // ww] + rel_w[m, h, i, j % ww]
+    (rel_h [M, H, n, wh], rel_w [M, H, n, ww]), materialised."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if isinstance(scale, torch.Tensor):
         scale = scale.to(q.dtype).view(-1, 1, 1)
@@ -208,7 +210,34 @@ def window_attention(q, k, v, window_ids, bias=None, mask=None, scale=None):
         s = s + bias.to(s.dtype)
     if mask is not None:
         s = s + mask[window_ids].unsqueeze(1).to(s.dtype)
+    if rel_h is not None:
+        s = s + (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).to(s.dtype)
     return torch.softmax(s, dim=-1) @ v
+
+
+def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """timm's get_rel_pos(size, size, rel_pos): the table [L, D] linearly resized to 2 * size - 1
+    entries where L differs, then entry (i - j + size - 1) for each query i and key j: [size, size, D]."""
+    max_rel_dist = 2 * size - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist,
+                                mode="linear")
+        rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    coords = torch.arange(size, device=rel_pos.device)
+    return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]
+
+
+def decomposed_rel_pos(q, rel_pos_h, rel_pos_w, window):
+    """SAM's decomposed relative position of q [M, H, n, D] in windows of window = (wh, ww) tokens
+    (n = wh * ww, row-major), as timm's get_decomposed_rel_pos_bias computes it before it expands
+    the sum: rel_h [M, H, n, wh] (q . Rh[row of i, a]) and rel_w [M, H, n, ww] (q . Rw[column of i, b])."""
+    wh, ww = window
+    M, H, n, D = q.shape
+    Rh, Rw = rel_pos_table(wh, rel_pos_h), rel_pos_table(ww, rel_pos_w)
+    r_q = q.reshape(M * H, wh, ww, D)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+    return rel_h.reshape(M, H, n, wh), rel_w.reshape(M, H, n, ww)
 
 
 # ------------------------------------------------------------ fused GEMM prologue / epilogue

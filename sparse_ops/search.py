@@ -70,23 +70,22 @@ def measure_latency(model: nn.Module, images: Tensor, repeats: int = 10, warmup:
 
 
 class LatencyTable:
-    """Latency of a patched Swin at any per-block ratios, predicted as a fixed overhead (patch
-    embedding, merging, head: the dense model minus its dense blocks) plus, per block, its
-    measured time at that ratio on its real input. Each (block, ratio) is timed once, so a
-    search can score thousands of candidates for free. A block here ranks its own windows,
-    which in the model a stage does once for all its blocks: the table slightly overestimates;
-    check() reports how far it is from real timings."""
+    """Latency of a patched Swin or SAM encoder at any per-block ratios, predicted as a fixed
+    overhead (patch embedding, merging, neck, head: the dense model minus its dense blocks)
+    plus, per block, its measured time at that ratio on its real input. Each (block, ratio) is
+    timed once, so a search can score thousands of candidates for free. A block here ranks its
+    own windows, which in the model a stage (a run of SAM's windowed blocks) does once for all
+    its blocks: the table slightly overestimates; check() reports how far it is from real
+    timings. A SAM block that cannot prune (a dense global block) has only ratio 0.0."""
 
     def __init__(self, model: nn.Module, images: Tensor, choices: Sequence[float], repeats: int = 5, warmup: int = 1):
-        from .patch import _is_patched_swin
+        from .patch import window_pruned_blocks
 
-        if not _is_patched_swin(model):
-            raise TypeError(f"model must be patched by sparse_ops.patch.swin, got {type(model).__name__}")
         self.choices = tuple(check.numbers(choices, "choices", "a sequence of ratios"))
         if not self.choices or any(not 0.0 <= c < 1.0 for c in self.choices):
             raise ValueError(f"choices must be non-empty ratios in [0, 1), got {choices!r}")
         self.model, self.images = model, images
-        self.blocks = [blk for stage in model.layers for blk in stage.blocks]
+        self.blocks = window_pruned_blocks(model)  # (a TypeError for any other model)
         saved = [blk.sparsity for blk in self.blocks]
         try:
             for blk in self.blocks:
@@ -95,7 +94,7 @@ class LatencyTable:
             self.table: List[Dict[float, float]] = []
             for blk, x in zip(self.blocks, inputs):
                 row = {}
-                for ratio in (0.0,) + self.choices:  # 0.0 first: the dense block, for the overhead
+                for ratio in (0.0,) + (self.choices if blk.prunable else ()):  # 0.0 first: the dense block, for the overhead
                     if ratio not in row:
                         blk.sparsity = ratio
                         row[ratio] = _median_seconds(lambda: blk(x), x.device, repeats, warmup)
@@ -103,7 +102,8 @@ class LatencyTable:
                 self.table.append(row)
             whole = _median_seconds(lambda: model(images), images.device, repeats, warmup)
             self.overhead = max(whole - sum(row[0.0] for row in self.table), 0.0)
-            self.table = [{ratio: row[ratio] for ratio in self.choices} for row in self.table]
+            self.table = [{ratio: row[ratio] for ratio in self.choices} if blk.prunable else row
+                          for blk, row in zip(self.blocks, self.table)]
         finally:
             for blk, s in zip(self.blocks, saved):
                 blk.sparsity = s

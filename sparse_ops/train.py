@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _checks as check
 from .nn import SparseVisionTransformer, Tokens
-from .patch import _current_sparsity, _is_patched_swin, _swin_stages, set_sparsity
+from .patch import _current_sparsity, _is_patched_sam, _is_patched_swin, _swin_stages, set_sparsity, window_pruned_blocks
 
 
 @dataclass(frozen=True)
@@ -166,14 +166,19 @@ def sample_swin_ratios(model: nn.Module, choices: Sequence[float] = tuple(i / 10
                        generator: Optional[torch.Generator] = None) -> List[float]:
     """SparseViT's sparsity-aware adaptation: one random window ratio per block of a patched
     Swin (or a features_only wrapper around one: the stages it holds), drawn from `choices`
-    and sorted non-decreasing within each stage (a stage's blocks keep nested window sets).
-    Deterministic under `generator`."""
+    and sorted non-decreasing within each stage (a stage's blocks keep nested window sets);
+    or of a patched SAM encoder (patch.sam): one per block that can prune, 0 for the global
+    blocks that run dense. Deterministic under `generator`."""
     inner = _unwrap(model)
-    if not _is_patched_swin(inner):
-        raise TypeError(f"model must be patched by sparse_ops.patch.swin, got {type(inner).__name__}")
+    if not (_is_patched_swin(inner) or _is_patched_sam(inner)):
+        raise TypeError(f"model must be patched by sparse_ops.patch.swin or patch.sam, got {type(inner).__name__}")
     values = check.numbers(choices, "choices", "a sequence of ratios")
     if not values or any(not 0.0 <= v < 1.0 for v in values):
         raise ValueError(f"choices must be non-empty ratios in [0, 1), got {choices!r}")
+    if _is_patched_sam(inner):
+        blocks = window_pruned_blocks(inner)
+        drawn = torch.randint(len(values), (len(blocks),), generator=generator).tolist()
+        return [values[i] if blk.prunable else 0.0 for blk, i in zip(blocks, drawn)]
     ratios = []
     for _, stage in _swin_stages(inner):
         drawn = torch.randint(len(values), (len(stage.blocks),), generator=generator).tolist()

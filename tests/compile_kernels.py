@@ -27,9 +27,9 @@ from sparse_ops.kernels._common import dot_precision
 MAX_SHARED = {90: 227 * 1024}
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 ACTIVATIONS = {"q", "k", "v", "out", "dout", "dq", "dk", "dv",  # pointers in the inputs' dtype
-               "x", "h", "weight", "residual", "ln_weight", "ln_bias", "dxn", "xn", "dx"}
+               "x", "h", "weight", "residual", "ln_weight", "ln_bias", "dxn", "xn", "dx", "rel_h", "rel_w"}
 FLOAT32 = {"lse", "cls_heads", "received_heads", "delta", "bias", "mask", "dbias_partials", "dscale_rows", "mean",
-           "rstd", "partials", "head_scale"}  # pointers to float32
+           "rstd", "partials", "head_scale", "drel_h", "drel_w"}  # pointers to float32
 SCALARS = {"qk_scale": "fp32", "scale": "fp32", "eps": "fp32", "cu_seqlens": "*i32", "window_ids": "*i64",
            "rows": "*i64"}
 
@@ -121,6 +121,16 @@ def main(arch: str = "90", dtype: str = "bf16"):
         for name in WINDOW_KERNELS[window_attention.one_key_block(n)]:
             compile_configs(f"window_attention.{name} n={n} D={head_dim}", getattr(window_attention, name), dtype,
                             constexprs, target)
+    # SAM's windows with its decomposed relative position (rel_h, rel_w in q's dtype, no bias or
+    # mask) at its head dim 64: 14x14 (196 tokens, padded to 256 keys), 16x16, and 24x24 (the
+    # key-block kernels); bf16 and fp16.
+    for dtype, side in itertools.product([d for d in dtypes if d != torch.float32], (14, 16, 24)):
+        q = torch.empty(1, 1, side * side, 64, dtype=dtype, device="meta")
+        rel = torch.empty(1, 1, side * side, side, dtype=dtype, device="meta")
+        constexprs = dict(window_attention._constexprs(q, None, None, None, rel, rel), UPCAST=False, BIAS_GRAD=False)
+        for name in WINDOW_KERNELS[window_attention.one_key_block(side * side)]:
+            compile_configs(f"window_attention.{name} n={side * side} D=64 rel", getattr(window_attention, name),
+                            dtype, constexprs, target)
     # The fused GEMMs with every fusion on (and the prologue without LayerNorm: a plain gathered
     # GEMM), as a ViT / Swin layer launches them: W [N, C] contiguous (stride_wk = 1 is
     # specialized), aligned pointers, strides and sizes multiples of 16 (the row count R is

@@ -61,6 +61,59 @@ def test_sparse_swin_flops_match_flop_counter():
     assert counted(baselines.sparsevit_forward, net, images, kept) == flops.swin(net, 2, kept)
 
 
+def test_sam_flops_by_hand():
+    """6x6 tokens: a windowed block (2x2 windows of 4x4, real tokens 16, 8, 8, 4: the last
+    row and column padded), then a global one; width 32, 2 heads of 16, MLP 128, neck 8.
+    Multiply-adds, doubled at the end."""
+    net = timm.create_model("samvit_base_patch16", pretrained=False, img_size=96, embed_dim=32, depth=2, num_heads=2,
+                            window_size=4, global_attn_indexes=(1,), neck_chans=8)
+    C, hidden, heads, D, N, n = 32, 128, 2, 16, 36, 16
+    stem = N * C * 3 * 16 * 16 + N * 8 * C + N * 8 * 8 * 9  # patch embedding, neck's 1x1 and 3x3 convs
+    linears, mlp = C * 3 * C + C * C, 2 * C * hidden  # qkv + proj, fc1 + fc2: per token
+
+    def attention(tokens, height, width):  # q k^T, p v and q against the height and width tables
+        return heads * (2 * tokens * tokens * D + tokens * D * (height + width))
+
+    def windowed(kept, real_tokens):
+        return kept * (n * linears + attention(n, 4, 4)) + real_tokens * mlp
+
+    global_block = N * linears + attention(N, 6, 6) + N * mlp
+    assert flops.sam(net, 1) == 2 * (stem + windowed(4, N) + global_block)
+    # image 0 keeps windows 0 and 3 (16 + 4 real tokens), image 1 windows 1 and 2 (8 + 8)
+    sparse = 2 * (2 * stem + windowed(2, 20) + windowed(2, 16) + 2 * global_block)
+    assert flops.sam(net, 2, [[[0, 3], [1, 2]], None]) == sparse
+    # the global block query-pruned to windows 0 and 1 of image 0 (16 + 8 real tokens as queries)
+    queries = 24
+    pruned_global = (queries * C * C + N * 2 * C * C + heads * (2 * queries * N * D + queries * D * (6 + 6))
+                     + queries * (C * C + mlp))
+    assert flops.sam(net, 1, [None, [[0, 1]]]) == 2 * (stem + windowed(4, N) + pruned_global)
+
+
+def test_sam_changed_windows_reads_what_ours_ran():
+    """The windows a patched SAM's blocks changed, query-pruned global blocks included, are the
+    windows its ranking kept: 5 of 9 in every block at ratio 0.5."""
+    net = baselines.model("samvit_test", "cpu", torch.float32, None)
+    ours = baselines.patched("sam", net, ratios=0.5, query_pruned_global=True)  # (a copy: the model is shared)
+    changed = baselines.sam_changed_windows(ours, torch.randn(2, 3, 160, 160))
+    assert len(changed) == 4 and all(len(ids) == 5 for block in changed for ids in block)
+    sparse_ops.set_sparsity(ours, ratios=[0.5, 0.0, 0.5, 0.0])
+    changed = baselines.sam_changed_windows(ours, torch.randn(2, 3, 160, 160))
+    assert changed[1] is None and changed[3] is None and len(changed[0][0]) == 5
+
+
+def test_sam_flops_match_flop_counter():
+    """Dense, and the naive baseline pruning half of every windowed block's windows (9 windows,
+    padded ones among them: the MLP counts real tokens only)."""
+    net = unfused("samvit_test")
+    images = torch.randn(2, 3, 160, 160)
+    assert counted(net.forward_features, images) == flops.sam(net, 2)
+    kept = []
+    with torch.no_grad():
+        baselines.sam_naive_forward(net, images, 0.5, kept=kept)
+    assert [k is None for k in kept] == [False, True, False, True] and all(len(ids) == 5 for ids in kept[0])
+    assert counted(baselines.sam_naive_forward, net, images, 0.5) == flops.sam(net, 2, kept)
+
+
 def test_evit_schedule_compounds_the_keep_rate():
     kept = [5, 3]
     schedule = flops.evit_schedule(9, 4, (1, 2), kept, num_prefix=1)
@@ -160,6 +213,25 @@ def test_naive_swin_backbone_is_timms_at_zero_sparsity_and_prunes_like_ours():
             assert not torch.allclose(pruned[0], dense[0])  # it does prune
 
 
+def test_naive_sam_block_equals_timms_on_kept_windows():
+    """Kept windows' real tokens get timm's block output (attention stays inside a padded
+    window, the MLP is per token), pruned windows pass through; all windows kept = timm's."""
+    torch.manual_seed(0)
+    net = baselines.model("samvit_test", "cpu", torch.float32, None)
+    block = net.blocks[0]
+    x = torch.randn(2, 10, 10, 64)  # 3x3 windows of 4x4, the last row and column padded
+    with torch.no_grad():
+        dense = block(x)
+        torch.testing.assert_close(baselines.sam_naive_block(block, x, torch.arange(9).expand(2, 9)), dense)
+        windows = torch.tensor([[8, 0, 4], [2, 6, 5]])
+        kept = torch.zeros(2, 12, 12, dtype=torch.bool)  # the padded frame
+        for b, ids in enumerate(windows.tolist()):
+            for w in ids:
+                kept[b, 4 * (w // 3):4 * (w // 3) + 4, 4 * (w % 3):4 * (w % 3) + 4] = True
+        kept = kept[:, :10, :10, None]
+        torch.testing.assert_close(baselines.sam_naive_block(block, x, windows), torch.where(kept, dense, x))
+
+
 def test_flex_peer_fails_past_its_graph_limit_instead_of_running_unfused(monkeypatch):
     """Past dynamo's recompile limit a compiled flex_attention silently runs eager and
     unfused (Swin-T at 224 needs 11 graphs, dynamo's default limit is 8): the peer raises
@@ -195,7 +267,8 @@ def test_a_peer_is_checked_against_ours_before_it_is_timed():
 
 # --------------------------------------------------------------------- whole runs
 SMOKE = "ops/gather_tokens,varlen/vit_test/b2/fwd+bwd,blocks/swin_test,models/vit_test/b2/keep"
-PEERS = "varlen/vit_test/b2/fwd,window/swin_test/b1/stage0/s0.5/fwd+bwd,models/swin_test/b1/s0.5/backbone"
+PEERS = ("varlen/vit_test/b2/fwd,window/swin_test/b1/stage0/s0.5/fwd+bwd,models/swin_test/b1/s0.5/backbone,"
+         "models/samvit_test")
 
 
 def read_results(out):
@@ -231,7 +304,7 @@ def test_quick_run_writes_results_tables_and_plots(quick_run):
         "models/vit_test/b2/keep1.0", "models/vit_test/b2/keep0.5",
         # PEERS ("varlen/vit_test/b2/fwd" is a part of both varlen names)
         "attention/varlen/vit_test/b2/fwd", "attention/window/swin_test/b1/stage0/s0.5/fwd+bwd",
-        "models/swin_test/b1/s0.5/backbone"])
+        "models/swin_test/b1/s0.5/backbone", "models/samvit_test/b1/r0.5", "models/samvit_test/b1/r0.5/qglobal"])
     for name, r in records.items():
         assert r["error"] is None, r["error"]
         assert r["methods"][r["baseline"]]["speedup"] == 1.0
@@ -273,6 +346,12 @@ def test_ours_lights_up_when_the_ops_land(quick_run, tmp_path, monkeypatch):
     main(["--quick", "--case", "models/vit_test/b2/keep0.5", "--out", str(tmp_path)])
     _, records, _ = read_results(tmp_path)
     assert records["models/vit_test/b2/keep0.5"]["methods"]["ours"]["status"] == "ok"
+
+
+def test_a_model_kind_patch_lacks_is_unavailable(monkeypatch):
+    """A case whose patch.<kind> has not landed still times its other methods."""
+    monkeypatch.setattr(sparse_ops, "patch", types.ModuleType("sparse_ops.patch"))
+    assert baselines.patched("sam", torch.nn.Identity()) == Unavailable("sparse_ops.patch.sam is not in this checkout yet")
 
 
 def test_a_failing_case_is_reported_and_the_rest_run(tmp_path, monkeypatch):
@@ -357,6 +436,10 @@ def test_peers_run_beside_ours_and_agree(quick_run):
         {"dense": "ok", "naive": "ok", "flex": "ok", "ours": "ok"}
     assert 0 < backbone["sparsity"] < 1 and set(backbone["overheads"]) == {"ours/naive", "ours/flex"}
     assert "| ours/flex overhead |" in markdown
+
+    sam = records["models/samvit_test/b1/r0.5"]  # patch.sam, and the SparseViT-style peer agreeing with it
+    assert {name: m["status"] for name, m in sam["methods"].items()} == {"dense": "ok", "naive": "ok", "ours": "ok"}
+    assert 1 < sam["ideal_speedup"] and 0 < sam["sparsity"] < 1 and set(sam["overheads"]) == {"ours/naive"}
 
 
 # ------------------------------------------------------------ noise: flags and plots

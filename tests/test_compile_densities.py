@@ -83,3 +83,13 @@ def test_swin_ratios_recompile_once_per_density():
     patch.swin(model, ratios=0.25)
     ratios = [0.25, [0.5, 0.0], 0.25, [0.5, 0.0]]
     assert _run(model, CountingBackend(), [dict(ratios=r) for r in ratios], [torch.randn(2, 3, 64, 64)] * 4) == [1, 2, 2, 2]
+
+
+def test_sam_ratios_recompile_once_per_density():
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+    torch.manual_seed(0)
+    model = VisionTransformerSAM(img_size=48, patch_size=8, embed_dim=32, depth=3, num_heads=2, window_size=4,
+                                 global_attn_indexes=(2,), use_rel_pos=True, neck_chans=16, num_classes=10).eval()
+    patch.sam(model, ratios=0.25)  # a 6x6 map in padded windows of 4
+    ratios = [0.25, [0.5, 0.0, 0.0], 0.25, [0.5, 0.0, 0.0]]
+    assert _run(model, CountingBackend(), [dict(ratios=r) for r in ratios], [torch.randn(2, 3, 48, 48)] * 4) == [1, 2, 2, 2]

@@ -1,4 +1,5 @@
-"""Every op on CUDA at the models' real shapes (DeiT-S/B tokens, Swin-T stages at 224 and 672),
+"""Every op on CUDA at the models' real shapes (DeiT-S/B tokens, Swin-T stages at 224 and 672,
+SAM ViT-B's windows at 1024),
 in float32, float16 and bfloat16, against sparse_ops/reference.py: index ops bit for bit,
 arithmetic within twice the error of the reference run in the same dtype (float32: also
 1e-5 of the largest value). Skipped without CUDA; `make gpu-check` runs them compiled
@@ -138,6 +139,28 @@ def test_window_attention(stage, dtype, nan_outputs):
     compare_runs(sparse_ops.window_attention, reference.window_attention, dict(q=q, k=k, v=v, bias=bias),
                  ("q", "k", "v", "bias"), dout, dtype, window_ids=windows % num_windows,
                  mask=None if mask is None else mask.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("window", [14, 24], ids=["samvit_base-14", "window24"])
+def test_window_attention_rel_pos(window, dtype, nan_outputs):
+    """SAM ViT-B's windowed blocks at 1024 (half of the 25 windows of 14x14, 12 heads of 64) with
+    the decomposed relative position added in the kernel; and 24x24 windows (the key-block kernels)."""
+    heads, D = 12, 64
+    n = window * window
+    g = generator()
+    M = kept_count(0.5, 25)
+    qkv = torch.randn(M, n, 3 * heads * D, device=DEVICE, generator=g).to(dtype)
+    q, k, v = qkv.reshape(M, n, 3, heads, D).permute(2, 0, 3, 1, 4)  # timm's views
+    tables = [torch.randn(2 * window - 1, D, device=DEVICE, generator=g) * 0.1 for _ in range(2)]
+    rel_h, rel_w = reference.decomposed_rel_pos(q.float(), *tables, (window, window))
+    dout = torch.randn(M, heads, n, D, device=DEVICE, generator=g)
+
+    def ours(q, k, v, rel_h, rel_w, **kwargs):
+        return sparse_ops.window_attention(q, k, v, rel_pos=(rel_h, rel_w), **kwargs)
+
+    compare_runs(ours, reference.window_attention, dict(q=q, k=k, v=v, rel_h=rel_h, rel_w=rel_w),
+                 ("q", "k", "v", "rel_h", "rel_w"), dout, dtype, window_ids=torch.arange(M, device=DEVICE))
 
 
 # (rows of the dense activation R0, in features, out features): DeiT qkv and Swin-T stage 0 / 3 qkv

@@ -245,8 +245,7 @@ def test_set_sparsity_and_compile_at_a_fixed_rate():
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kw,error,match", [
     (dict(use_post_norm=True), TypeError, "EvaBlockPostNorm"),
-    (dict(rope_type="mixed"), TypeError, "RotaryEmbeddingMixed"),
-    (dict(attn_type="rope", qkv_fused=False), TypeError, "must be timm's EvaAttention"),
+    (dict(rope_type="mrope"), TypeError, "RotaryEmbeddingMRope"),
     (dict(attn_drop_rate=0.1), ValueError, "attention dropout"),
     (dict(global_pool="max"), ValueError, "global_pool 'token', 'avg' or ''"),
     (dict(class_token=False, global_pool="map"), ValueError, "global_pool 'token', 'avg' or ''"),

@@ -73,7 +73,9 @@ def test_rehearsal_estimates_and_verdict():
 def test_headline_kernels_are_the_ones_the_headline_cases_run():
     labels = {"varlen_attention._forward_kernel D=64": True, "varlen_attention._forward_kernel D=128": False,
               "window_attention._backward_kernel n=49 D=32": True, "window_attention._forward_kernel n=49 D=64": False,
-              "window_attention._forward_blocked_kernel n=576 D=32": False, "fused_linear._ln_linear_kernel": True,
+              "window_attention._forward_blocked_kernel n=576 D=32": False,
+              "window_attention._forward_kernel n=196 D=64 rel": True,  # SAM-B, inference only
+              "window_attention._backward_kernel n=196 D=64 rel": False, "fused_linear._ln_linear_kernel": True,
               "fused_linear._ln_linear_kernel no-ln": True, "fused_linear._linear_scatter_kernel": True,
               "fused_linear._row_stats_kernel C=384": True, "fused_linear._row_stats_kernel C=1536": False}
     assert {label: bool(gpu_check.HEADLINE_KERNELS.search(label)) for label in labels} == labels

@@ -43,11 +43,12 @@ def test_every_config_compiles_and_the_first_fits_shared_memory(arch):
         records += [json.loads(line) for line in stdout.splitlines()]
     first = {(r["kernel"], r["dtype"]): r for r in records if r["first"]}
     # 4 varlen kernels x 3 head dims, the window kernels (2 one-block x 6 window shapes, 3
-    # key-block x 4), 3 fused GEMMs, 2 row kernels x 3 widths; fp32 without the large windows
-    # at D = 32 (2 one-block x 1, 3 key-block x 2)
-    kernels = 4 * 3 + (2 * 6 + 3 * 4) + 3 + 2 * 3
+    # key-block x 4; with SAM's relative position 2 one-block x 2, 3 key-block x 1), 3 fused
+    # GEMMs, 2 row kernels x 3 widths; fp32 without the large windows at D = 32 (2 one-block x
+    # 1, 3 key-block x 2) and without the relative-position ones
+    kernels = 4 * 3 + (2 * 6 + 3 * 4) + (2 * 2 + 3) + 3 + 2 * 3
     counts = collections.Counter(dtype for _, dtype in first)
-    assert counts == {"bf16": kernels, "fp16": kernels, "fp32": kernels - 2 - 3 * 2}, counts
+    assert counts == {"bf16": kernels, "fp16": kernels, "fp32": kernels - 2 - 3 * 2 - (2 * 2 + 3)}, counts
     too_big = [key for key, r in first.items() if not r["fits"]]
     assert not too_big, f"the first autotune config does not fit sm_{arch}'s shared memory: {too_big}"
     with_atomics = sorted({(r["kernel"], r["dtype"]) for r in records if r["atomics"]})

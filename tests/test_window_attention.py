@@ -303,8 +303,9 @@ def test_kernel_sets_and_partial_sums(kernels, monkeypatch, one_block, dtype, M,
 @pytest.mark.parametrize("one_block", [True, False], ids=["one-block", "key-blocks"])
 def test_backward_without_atomics(kernels, monkeypatch, one_block):
     """The backward sums dbias and the head-scale gradient without atomics (each program
-    writes its own partial sums, torch adds them in a fixed order), so two runs agree bit
-    for bit: the interpreter fails any atomic operation here."""
+    writes its own partial sums, torch adds them in a fixed order), and each program writes
+    the rel_h and rel_w gradients of its own rows, so two runs agree bit for bit: the
+    interpreter fails any atomic operation here."""
     from triton.runtime import interpreter
 
     def no_atomics(*args, **kwargs):
@@ -318,7 +319,8 @@ def test_backward_without_atomics(kernels, monkeypatch, one_block):
     q, k, v, ids, b, masks = window_inputs(5, 1, 49, 16, torch.float32)
     dout = torch.randn(q.shape)
     head_scale = torch.rand(1) + 0.5
-    runs = [kernels.backward(dout, q, k, v, ids, b, masks, 0.25, True, head_scale) for _ in range(2)]
+    rel_h, rel_w = torch.randn(5, 1, 49, 7), torch.randn(5, 1, 49, 7)
+    runs = [kernels.backward(dout, q, k, v, ids, b, masks, 0.25, True, head_scale, rel_h, rel_w) for _ in range(2)]
     for first, second in zip(*runs):
         assert first.numel() and torch.equal(first, second)
 

@@ -30,6 +30,16 @@ configuration) only, without torch.compile.
 - Swin V2-T (swinv2_tiny_window8_256) at 512x512 with a window sparsity s in every block:
   the same methods (naive: SparseViT-style around V2's res-post-norm block; flex: unavailable,
   V2's cosine attention is not the peer's score_mod).
+- SAM's image encoder (samvit_base_patch16 at 1024x1024, batch 1; CPU: its first three
+  blocks, windowed, windowed, global, at 576x576) with a ratio r of every windowed block's
+  14x14 windows pruned, timed as SAM times it (patch embedding, blocks, neck). dense = timm;
+  naive = SparseViT-style (windows ranked once per run of windowed blocks; per block
+  timm's window_partition, index_select of the kept windows, timm's attention, index_copy
+  back, the MLP on the kept windows' real tokens); ours = sparse_ops.patch.sam(model, r).
+  Global blocks run dense in all three. FLOPs: the attention on whole (padded) windows, the
+  MLP on real tokens. And at 0.5 with query-pruned global blocks (patch.sam's
+  query_pruned_global: a global block's queries are its kept windows' tokens, every token a key
+  and value), against ours with dense global blocks.
 Speedups are over dense; sparsity is the fraction of the model's FLOPs pruned (for the
 adaptive mode, from the counts the naive baseline kept on the benchmark batch)."""
 import functools
@@ -136,6 +146,38 @@ def _swin(cfg: Config, model: str, img_size, batch: int, ratios, backbone: bool 
                  sparsity=1 - sparse / dense, overheads=overheads)
 
 
+def _sam(cfg: Config, model: str, img_size, batch: int, ratio: float, query_pruned: bool = False) -> Setup:
+    """SAM's image encoder as SAM times it (forward_features: patch embedding, blocks, neck),
+    with `ratio` of every windowed block's windows pruned; query_pruned: the global blocks' too
+    (patch.sam's query_pruned_global: only the kept windows' tokens are queries), where ours
+    with dense global blocks is the peer (the naive has no such global block)."""
+    net = baselines.model(model, cfg.device, cfg.dtype, img_size)
+    images = _images(net, batch, cfg)
+    dense = flops.sam(net, batch)
+    patched = guarded(lambda: baselines.patched("sam", net, ratios=ratio, query_pruned_global=query_pruned))
+    ours = patched if not callable(patched) else (lambda: patched.forward_features(images))
+    if query_pruned:
+        # the windows each block ran, read off ours (its global blocks rank their own inputs)
+        kept = baselines.sam_changed_windows(patched, images) if callable(patched) else None
+        sparse = dense if kept is None else flops.sam(net, batch, kept)
+        windowed = guarded(lambda: baselines.patched("sam", net, ratios=ratio))
+        methods = {"dense": lambda: net.forward_features(images),
+                   "ours, dense global blocks": windowed if not callable(windowed) else
+                   (lambda: windowed.forward_features(images)), "ours": ours}
+        overheads = {"ours/ours, dense global blocks": ("ours", "ours, dense global blocks")}
+        return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense, overheads=overheads)
+    kept = []  # per block, the windows each image keeps: their real tokens are the MLP's FLOPs
+    with torch.no_grad():
+        baselines.sam_naive_forward(net, images, ratio, kept=kept)
+    sparse = flops.sam(net, batch, kept)
+    check = functools.partial(baselines.peer, expected=baselines.expected_of(ours), device=cfg.device,
+                              dtype=cfg.dtype)
+    methods = {"dense": lambda: net.forward_features(images),
+               "naive": check(lambda: lambda: baselines.sam_naive_forward(net, images, ratio)), "ours": ours}
+    return Setup(compiled(methods, cfg), flops=(dense, sparse), sparsity=1 - sparse / dense,
+                 overheads=baselines.peer_ratios(methods, ("naive",)))
+
+
 def cases(cfg: Config):
     vits = pick(cfg, quick=("vit_test",), cpu=("deit_small",), cuda=("deit_small", "deit_base"))
     vit_batches = pick(cfg, quick=(2,), cpu=(8, 1), cuda=(64, 1))
@@ -193,3 +235,18 @@ def cases(cfg: Config):
                        f"{size} b{batch} backbone", dict(model=model, img_size=img_size, batch=batch, ratios=ratios,
                                                          backbone=True),
                        functools.partial(_swin, cfg, model, img_size, batch, ratios, backbone=True))
+
+    # SAM's image encoder, window pruning (CPU: its first three blocks at 576x576: 36x36 tokens
+    # in 3x3 windows of 14x14 whose last row and column hold 8 real ones, as 1024's 64x64 in 5x5)
+    sams = pick(cfg, quick=(("samvit_test", None, 1),), cpu=(("samvit_base_d3", 576, 1),),
+                cuda=(("samvit_base", 1024, 1),))
+    for model, img_size, batch in sams:
+        size = f"{model}_{img_size}" if img_size else model
+        for r in pick(cfg, quick=(0.5,), cpu=(0.5,), cuda=(0.3, 0.5, 0.7)):
+            yield Case(NAME, f"{NAME}/{size}/b{batch}/r{r}", f"{size} b{batch}",
+                       dict(model=model, img_size=img_size, batch=batch, ratio=r),
+                       functools.partial(_sam, cfg, model, img_size, batch, r))
+        # the global blocks pruned too (their queries), at 0.5
+        yield Case(NAME, f"{NAME}/{size}/b{batch}/r0.5/qglobal", f"{size} b{batch} query-pruned global",
+                   dict(model=model, img_size=img_size, batch=batch, ratio=0.5, query_pruned=True),
+                   functools.partial(_sam, cfg, model, img_size, batch, 0.5, query_pruned=True))

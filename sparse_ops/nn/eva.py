@@ -1,11 +1,13 @@
 """Token pruning in timm's Eva (EVA-02: rotary position embeddings, SwiGLU MLP, optional q/k
-norms, LayerScale). SparseEvaBlock prunes as the ViT's SparseBlock does (at a prune layer, per
-image the tokens with the most class attention in the block before it, or without a class
-token the most attention received; kept tokens packed image after image) and each kept token takes its rotary embedding with it: a block on Tokens
-rotates each row's q and k by the rope row of that row's position in the token grid the model
-began with, so a pruned block computes what timm's EvaBlock computes on the gathered sequence
-with the gathered rope. Prefix tokens (class, register) are not rotated, as in timm; nor is a
-package token, which has no position.
+norms, LayerScale; the ROPE-ViTs vit_*_rope_*: AttentionRope, grouped-query attention, and
+with 'mixed' rope one learnt table per block). SparseEvaBlock prunes as the ViT's SparseBlock
+does (at a prune layer, per image the tokens with the most class attention in the block before
+it, or without a class token the most attention received; kept tokens packed image after
+image) and each kept token takes its rotary embedding with it: a block on Tokens rotates each
+row's q and k by the rope row of that row's position in the token grid the model began with,
+so a pruned block computes what timm's EvaBlock computes on the gathered sequence with the
+gathered rope. Prefix tokens (class, register) are not rotated, as in timm; nor is a package
+token, which has no position.
 
 SparseEva keeps timm's return types as SparseVisionTransformer does: full token grids from
 forward_features / forward_intermediates (a pruned token holds its value from the block before
@@ -27,31 +29,37 @@ from .vit import SparseBlock, SparseVisionTransformer, Tokens, packed_attention
 
 
 def rope_rows(rope: Tensor, positions: Tensor, num_prefix_tokens: int) -> Tensor:
-    """[T, E]: for each token at positions [T] (b * N + n in the [B, N] token grid; -1: a
-    package token) its row of timm's rope table [N - P, E] (or [B, 1, N - P, E], one table per
-    image, after patch dropout); the prefix and package tokens get the identity rotation
+    """[T, E], or [T, H, E] from a table per head: for each token at positions [T] (b * N + n
+    in the [B, N] token grid; -1: a package token) its row of timm's rope table: [N - P, E],
+    [H, N - P, E] (a block's 'mixed' rope: one table per head), or either per image after patch
+    dropout ([B, 1 or H, N - P, E]). The prefix and package tokens get the identity rotation
     (sin 0, cos 1), which leaves q and k exactly as timm leaves the prefix tokens."""
-    if rope.dim() not in (2, 4):
-        raise ValueError(f"rope must be [N, E] or [B, 1, N, E] (timm's rotary table), got shape {tuple(rope.shape)}")
+    if rope.dim() not in (2, 3, 4):
+        raise ValueError(f"rope must be [N, E], [H, N, E] or [B, 1 or H, N, E] (timm's rotary table), "
+                         f"got shape {tuple(rope.shape)}")
     E, per_grid = rope.shape[-1], rope.shape[-2]
+    heads = rope.shape[-3] if rope.dim() > 2 else 1
     N = per_grid + num_prefix_tokens
     image, n = positions.div(N, rounding_mode="floor"), positions.remainder(N)
     row = n - num_prefix_tokens
     if rope.dim() == 4:
         row = row + image * per_grid
+    table = rope.reshape(-1, heads, per_grid, E).transpose(1, 2).reshape(-1, heads, E)  # [(B *) (N - P), H, E]
     identity = torch.cat([rope.new_zeros(E // 2), rope.new_ones(E // 2)])  # timm's [sin, cos] halves
     rotated = (positions >= 0) & (n >= num_prefix_tokens)
-    return torch.where(rotated.unsqueeze(1), rope.reshape(-1, E)[row.clamp_min(0)], identity)
+    return torch.where(rotated[:, None, None], table[row.clamp_min(0)], identity).squeeze(1)
 
 
 def qkv_projection(block) -> tuple:
-    """(weight, bias) of the block's EvaAttention q, k and v projections as one GEMM: the
-    fused qkv Linear with timm's q_bias, zero k_bias and v_bias, or the three separate Linears
-    stacked. What is concatenated is kept between inference calls (inference_cached)."""
+    """(weight, bias) of the block's q, k and v projections as one GEMM: the fused qkv Linear
+    (EvaAttention's with timm's q_bias, zero k_bias and v_bias beside it, AttentionRope's with
+    its own bias), or the three separate Linears stacked (k and v with fewer heads under
+    grouped-query attention). What is concatenated is kept between inference calls
+    (inference_cached)."""
     attn = block.attn
     if attn.qkv is not None:
-        if attn.q_bias is None:
-            return attn.qkv.weight, None
+        if getattr(attn, "q_bias", None) is None:  # AttentionRope, or EvaAttention without bias
+            return attn.qkv.weight, attn.qkv.bias
         biases = (attn.q_bias, attn.k_bias, attn.v_bias)
         return attn.qkv.weight, inference_cached(block, "qkv_bias", lambda: torch.cat(biases), *biases)
     linears = (attn.q_proj, attn.k_proj, attn.v_proj)
@@ -73,7 +81,9 @@ class SparseEvaBlock(EvaBlock):
 
     Set by sparse_ops.patch.eva / set_sparsity: keep_rate, mass (None: by keep_rate), package,
     emit_cls_attn (return the scores), num_prefix_tokens, received_attention (the scores of a
-    model without a class token: the attention each token receives, as SparseBlock's)."""
+    model without a class token: the attention each token receives, as SparseBlock's),
+    rope_index (a model with one rope table per block, 'mixed': SparseEva hands every block
+    all of them, [depth, ...], and this block takes table rope_index; None: rope is its table)."""
     # floats kept as exact integer ratios, as SparseBlock's (one compiled graph per density)
     _keep_rate_ratio, _mass_ratio = SparseBlock._keep_rate_ratio, SparseBlock._mass_ratio
     keep_rate, mass = SparseBlock.keep_rate, SparseBlock.mass
@@ -81,6 +91,7 @@ class SparseEvaBlock(EvaBlock):
     emit_cls_attn: bool = False
     num_prefix_tokens: int = 1
     received_attention: bool = False
+    rope_index: Optional[int] = None
 
     # SparseBlock's selection (top-k or mass of the scores, the package token) reads
     # only the attributes above and the Tokens: shared with the ViT, not copied.
@@ -93,6 +104,8 @@ class SparseEvaBlock(EvaBlock):
     def forward(self, x, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
         if isinstance(x, Tensor):
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        if rope is not None and self.rope_index is not None:
+            rope = rope[self.rope_index]
         tokens, rows = self._select(x) if self.prunes else (x, None)
         if tokens.index is None and not self.emit_cls_attn:  # the unpruned grid: timm's block on it
             out = super().forward(tokens.dense(), rope=rope).reshape(tokens.x.shape)
@@ -108,12 +121,17 @@ class SparseEvaBlock(EvaBlock):
             qkv = F.linear(self.norm1(src), *qkv_projection(self))
         else:
             qkv = layernorm_linear(src, rows, self.norm1.weight, self.norm1.bias, self.norm1.eps, *qkv_projection(self))
-        q, k, v = qkv.view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
+        q_width = attn.num_heads * attn.head_dim
+        kv_width = (qkv.shape[1] - q_width) // 2  # narrower under AttentionRope's grouped-query attention
+        q, k, v = (z.unflatten(1, (-1, attn.head_dim)) for z in qkv.split([q_width, kv_width, kv_width], dim=1))
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:
-            r = rope_rows(rope, t.positions(), attn.num_prefix_tokens).unsqueeze(1)  # [T, 1, E]
+            r = rope_rows(rope, t.positions(), attn.num_prefix_tokens).view(T, -1, rope.shape[-1])  # [T, 1 or H, E]
             q = apply_rot_embed_cat(q, r, half=attn.rotate_half).type_as(v)
             k = apply_rot_embed_cat(k, r, half=attn.rotate_half).type_as(v)
+        groups = attn.num_heads // k.shape[1]
+        if groups > 1:  # AttentionRope's grouped-query attention: after rope (once per kv head), as timm
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         o, cls_attn = packed_attention(q, k, v, t, attn.scale, self.emit_cls_attn, self.received_attention)
         o = attn.proj_drop(linear(attn.norm(o.reshape(T, -1)), attn.proj, as_timm))
         if self.gamma_1 is not None:

@@ -27,6 +27,7 @@ class SparseSwinBlock(SwinTransformerBlock):
     """timm's SwinTransformerBlock (same parameters) pruning a fraction `sparsity` of its
     windows (set by sparse_ops.patch.swin / set_sparsity; 0 runs timm's dense forward)."""
     sparsity: float = 0.0
+    prunable = True  # (any ratio; LatencyTable reads it, as SAM's global blocks have only 0)
     __prepare_scriptable__ = _export.refuse_scripting
 
     def num_windows(self, height: int, width: int) -> int:

@@ -34,6 +34,7 @@ class SparseSwinV2Block(SwinTransformerV2Block):
     """timm's SwinTransformerV2Block (same parameters) pruning a fraction `sparsity` of its
     windows (set by sparse_ops.patch.swin / set_sparsity; 0 runs timm's dense forward)."""
     sparsity: float = 0.0
+    prunable = True
     __prepare_scriptable__ = SparseSwinBlock.__prepare_scriptable__
     # the window grid, ranking and shift mask are v1's (same attributes, same timm geometry)
     num_windows = SparseSwinBlock.num_windows
