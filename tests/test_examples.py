@@ -1,6 +1,6 @@
-"""examples/digits.py and examples/digits_seg.py run as a user runs them (a fresh process, no
-TRITON_INTERPRET, one thread), in their --quick smoke modes, and write their reports; their
-training loops run at a step count torch's one-cycle schedule trips on."""
+"""examples/digits.py, digits_seg.py and digits_sam.py run as a user runs them (a fresh
+process, no TRITON_INTERPRET, one thread), in their --quick smoke modes, and write their
+reports; their training loops run at a step count torch's one-cycle schedule trips on."""
 import pathlib
 import sys
 
@@ -26,8 +26,9 @@ def check_digits_seg(report: str):
     assert rows[0][6].strip() == "1.00x"
 
 
-@pytest.mark.parametrize("example,check", [("digits", check_digits), ("digits_seg", check_digits_seg)],
-                         ids=["digits", "digits_seg"])
+@pytest.mark.parametrize("example,check", [("digits", check_digits), ("digits_seg", check_digits_seg),
+                                           ("digits_sam", check_digits_seg)],  # the same table, a SAM backbone
+                         ids=["digits", "digits_seg", "digits_sam"])
 def test_example_quick(example, check, tmp_path):
     out = tmp_path / f"{example}.md"
     command = [sys.executable, str(ROOT / "examples" / f"{example}.py"), "--quick", "--out", str(out)]
