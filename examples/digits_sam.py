@@ -15,15 +15,13 @@ in minutes:
     python examples/digits_sam.py --quick    # a smoke run in seconds with one thread (used by the tests)
 """
 import argparse
-import datetime
-import platform
 import time
 
 import timm
 import torch
 from torch import nn
 
-from digits_seg import CANVAS, NUM_CLASSES, RATIOS, datasets, empty_windows, scores, train
+from digits_seg import CANVAS, NUM_CLASSES, RATIOS, datasets, empty_windows, results_table, scores, train, write_report
 from sparse_ops import patch
 from sparse_ops.search import measure_latency
 
@@ -97,22 +95,8 @@ def main():
              f"({100 * empty_windows(test[0]):.0f} % of the windows are empty); forward latency of the dense/sparse "
              f"model's backbone on a batch of {len(speed_batch)} (median of {repeats}, best of {rounds} interleaved "
              f"rounds).", "",
-             "| window ratio | mIoU dense-only | mIoU dense/sparse | pixel acc. dense-only | pixel acc. dense/sparse "
-             "| backbone latency | speed-up |",
-             "|---|---|---|---|---|---|---|"]
-    for r, ratio in enumerate(RATIOS):  # the first ratio is dense: the baseline
-        (miou_d, acc_d), (miou_s, acc_s) = results["dense-only"][r], results["dense/sparse"][r]
-        lines.append(f"| {ratio} | {100 * miou_d:.1f} % | {100 * miou_s:.1f} % | {100 * acc_d:.1f} % "
-                     f"| {100 * acc_s:.1f} % | {1e3 * seconds[r]:.1f} ms | {seconds[0] / seconds[r]:.2f}x |")
-    lines += ["", f"`python examples/digits_sam.py{' --quick' if args.quick else ''}`, "
-              f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}, torch {torch.__version__}, timm {timm.__version__}, "
-              f"{time.perf_counter() - start:.0f} s in all."]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report + "\n")
+             *results_table(results, seconds, "backbone latency")]
+    write_report(lines, "digits_sam.py", args, start)
 
 
 if __name__ == "__main__":

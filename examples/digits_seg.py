@@ -190,17 +190,29 @@ def main():
              f"accuracy on {test_count} test canvases of unseen digits ({100 * empty_windows(test[0]):.0f} % of "
              f"the first stage's windows are empty); forward latency of the dense/sparse model (backbone and "
              f"head) on a batch of {len(speed_batch)} (median of {repeats}, best of {rounds} interleaved rounds).", "",
-             "| window ratio | mIoU dense-only | mIoU dense/sparse | pixel acc. dense-only | pixel acc. dense/sparse "
-             "| latency | speed-up |",
-             "|---|---|---|---|---|---|---|"]
-    for r, ratio in enumerate(RATIOS):  # the first ratio is dense: the baseline
+             *results_table(results, seconds, "latency")]
+    write_report(lines, "digits_seg.py", args, start)
+
+
+def results_table(results: dict, seconds: list, latency: str) -> list:
+    """The table of mIoU and pixel accuracy of both trainings and the speed per window ratio
+    (the first ratio is dense: the baseline); latency names the latency column."""
+    lines = ["| window ratio | mIoU dense-only | mIoU dense/sparse | pixel acc. dense-only | pixel acc. dense/sparse "
+             f"| {latency} | speed-up |", "|---|---|---|---|---|---|---|"]
+    for r, ratio in enumerate(RATIOS):
         (miou_d, acc_d), (miou_s, acc_s) = results["dense-only"][r], results["dense/sparse"][r]
         lines.append(f"| {ratio} | {100 * miou_d:.1f} % | {100 * miou_s:.1f} % | {100 * acc_d:.1f} % "
                      f"| {100 * acc_s:.1f} % | {1e3 * seconds[r]:.1f} ms | {seconds[0] / seconds[r]:.2f}x |")
-    lines += ["", f"`python examples/digits_seg.py{' --quick' if args.quick else ''}`, "
-              f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}, torch {torch.__version__}, timm {timm.__version__}, "
-              f"{time.perf_counter() - start:.0f} s in all."]
+    return lines
+
+
+def write_report(lines: list, script: str, args, start: float) -> None:
+    """Prints the report (lines and how it was run) and writes it to args.out where given."""
+    threads = torch.get_num_threads()
+    lines = lines + ["", f"`python examples/{script}{' --quick' if args.quick else ''}`, "
+                         f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+                         f"{threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}, timm {timm.__version__}, "
+                         f"{time.perf_counter() - start:.0f} s in all."]
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -138,6 +138,11 @@ def _check_vit_block(blk: nn.Module, name: str) -> None:
         raise TypeError(f"{name}.attn must be timm's Attention without a gate, got {type(attn).__name__}")
     if attn.attn_drop.p > 0:
         raise ValueError(f"{name}.attn has attention dropout ({attn.attn_drop.p}), which packed attention lacks")
+    _check_norms_and_mlp(blk, name)
+
+
+def _check_norms_and_mlp(blk: nn.Module, name: str) -> None:
+    """A ViT or SAM block's norm1 and norm2 LayerNorms and timm's Mlp (what the fused GEMMs take)."""
     for part in ("norm1", "norm2"):
         if not isinstance(getattr(blk, part), nn.LayerNorm):
             raise TypeError(f"{name}.{part} must be a LayerNorm (fused into the next GEMM), got "
@@ -292,12 +297,7 @@ def _check_sam_block(blk: nn.Module, name: str) -> None:
         raise TypeError(f"{name}.attn must be timm's vision_transformer_sam.Attention, got {type(blk.attn).__name__}")
     if blk.attn.attn_drop.p > 0:
         raise ValueError(f"{name}.attn has attention dropout ({blk.attn.attn_drop.p}), which the window kernel lacks")
-    for part in ("norm1", "norm2"):
-        if not isinstance(getattr(blk, part), nn.LayerNorm):
-            raise TypeError(f"{name}.{part} must be a LayerNorm (fused into the next GEMM), got "
-                            f"{type(getattr(blk, part)).__name__}")
-    if not isinstance(blk.mlp, Mlp):
-        raise TypeError(f"{name}.mlp must be timm's Mlp, got {type(blk.mlp).__name__}")
+    _check_norms_and_mlp(blk, name)
 
 
 def _sam_ratios(model: SparseVisionTransformerSAM, ratios) -> list:
