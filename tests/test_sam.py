@@ -6,6 +6,7 @@ as do gradients; hooks see true activations; query-pruned global blocks; set_spa
 LatencyTable, training steps, saving and bad input."""
 import copy
 import io
+import math
 import pickle
 
 import pytest
@@ -16,7 +17,7 @@ from timm.models.vision_transformer_sam import Block, VisionTransformerSAM
 import sparse_ops
 from sparse_ops import patch, reference
 from sparse_ops.nn import SparseSamBlock, SparseVisionTransformerSAM
-from sparse_ops.search import LatencyTable
+from sparse_ops.search import LatencyTable, evolutionary_search
 from sparse_ops.train import dense_sparse_step, sample_swin_ratios
 
 # 16x16 tokens: windows of 5 need padding (4x4 windows of a 20x20 frame); 120 px: 15x15, no padding
@@ -273,13 +274,20 @@ def test_dense_sparse_step_trains():
     assert [b.sparsity for b in net.blocks] == [0.0] * 6  # restored
 
 
-def test_latency_table():
+def test_latency_table_and_search():
     ours = patch.sam(make_sam(), ratios=0.0)
     table = LatencyTable(ours, images(batch=1), choices=(0.0, 0.5), repeats=1, warmup=0)
     assert [sorted(row) for row in table.table] == [[0.0, 0.5], [0.0, 0.5], [0.0], [0.0, 0.5], [0.0, 0.5], [0.0]]
     assert table([0.5, 0.5, 0.0, 0.5, 0.5, 0.0]) > 0
     with pytest.raises(ValueError, match="choices"):
         table([0.5, 0.5, 0.5, 0.5, 0.5, 0.0])
+    # the search over the windowed blocks' ratios (the global blocks' space: 0 only)
+    space = [[0.0] if not blk.window_size else [0.0, 0.5] for blk in ours.blocks]
+    result = evolutionary_search(space, lambda c: -sum(c), table, (0.0, math.inf), population=4, parents=2,
+                                 crossover=1, mutations=1, iterations=2, progress=False)
+    best = result.best[0].config
+    assert len(best) == 6 and best[2] == best[5] == 0.0 and result.best[0].latency == table(best)
+    sparse_ops.set_sparsity(ours, ratios=list(best))
 
 
 def test_saving_round_trips():
