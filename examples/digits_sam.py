@@ -14,14 +14,14 @@ in minutes:
     python examples/digits_sam.py            # the README table
     python examples/digits_sam.py --quick    # a smoke run in seconds with one thread (used by the tests)
 """
-import argparse
 import time
 
 import timm
 import torch
 from torch import nn
 
-from digits_seg import CANVAS, NUM_CLASSES, RATIOS, datasets, empty_windows, results_table, scores, train, write_report
+from digits_seg import (CANVAS, NUM_CLASSES, RATIOS, arguments, datasets, empty_windows, results_table, scores, train,
+                        write_report)
 from sparse_ops import patch
 from sparse_ops.search import measure_latency
 
@@ -66,17 +66,9 @@ def latencies(backbone, speed_batch, repeats: int, rounds: int):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--train-images", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true",
-                        help="two epochs on 32 canvases, one timing per ratio on a batch of 16: a smoke run")
-    parser.add_argument("--out", default=None, help="also write the markdown report to this file")
-    args = parser.parse_args()
+    args, (epochs, train_count, test_count, repeats, rounds) = arguments(__doc__, epochs=12)
     torch.manual_seed(0)
     start = time.perf_counter()
-    epochs, train_count, test_count, repeats, rounds = ((2, 32, 32, 1, 1) if args.quick else
-                                                        (args.epochs, args.train_images, 400, 10, 3))
     train_set, test = datasets(train_count, test_count)
     speed_batch = encoder_input(test[0][:16 if args.quick else 64])
 

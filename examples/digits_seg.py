@@ -161,18 +161,23 @@ def empty_windows(images, pixels: int = 16) -> float:
     return 1.0 - per_window.float().mean().item()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=16)
+def arguments(description: str, epochs: int):
+    """The command line of digits_seg.py and digits_sam.py -> (args, and the run's epochs,
+    training and test canvases, timing repeats and rounds: --quick's or the full run's)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--quick", action="store_true",
                         help="two epochs on 32 canvases, one timing per ratio on a batch of 16: a smoke run")
     parser.add_argument("--out", default=None, help="also write the markdown report to this file")
     args = parser.parse_args()
+    return args, ((2, 32, 32, 1, 1) if args.quick else (args.epochs, args.train_images, 400, 10, 3))
+
+
+def main():
+    args, (epochs, train_count, test_count, repeats, rounds) = arguments(__doc__, epochs=16)
     torch.manual_seed(0)
     start = time.perf_counter()
-    epochs, train_count, test_count, repeats, rounds = ((2, 32, 32, 1, 1) if args.quick else
-                                                        (args.epochs, args.train_images, 400, 10, 3))
     train_set, test = datasets(train_count, test_count)
     speed_batch = test[0][:16 if args.quick else 64]
 
