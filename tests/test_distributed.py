@@ -17,13 +17,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from sparse_ops import patch
-from sparse_ops.nn import SparseBlock, SparseSwinBlock
+from sparse_ops.nn import SparseBlock, SparseSamBlock, SparseSwinBlock
 from sparse_ops.train import dense_sparse_step, sample_keep_rate
 
 WORLD = 2
 STEPS = 3
 BATCH = 4  # per rank
-CASES = ["vit_keep_rate", "vit_mass", "swin_ratios", "swin_features_only"]
+CASES = ["vit_keep_rate", "vit_mass", "swin_ratios", "swin_features_only", "sam_ratios"]
 WRAPPERS = ["ddp", "fsdp"]
 SWIN = dict(img_size=64, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), drop_path_rate=0.0)
 
@@ -52,6 +52,10 @@ def _model(case):
         return _vit()
     if case == "swin_ratios":
         return patch.swin(timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **SWIN))
+    if case == "sam_ratios":  # an 8x8 map in padded windows of 3, global attention in block 2
+        return patch.sam(timm.create_model("samvit_base_patch16", img_size=64, patch_size=8, embed_dim=32, depth=3,
+                                           num_heads=2, window_size=3, global_attn_indexes=(2,), neck_chans=16,
+                                           num_classes=10))
     return _Segmenter()
 
 
@@ -77,7 +81,7 @@ def _train(case, wrapper, rank, world):
         from torch.distributed.fsdp import fully_shard
 
         for blk in inner.modules():
-            if isinstance(blk, (SparseBlock, SparseSwinBlock)):
+            if isinstance(blk, (SparseBlock, SparseSwinBlock, SparseSamBlock)):
                 fully_shard(blk)
         fully_shard(inner)
     torch.manual_seed(100 + rank)  # the usual per-rank seeding: the keep rate must not follow it
@@ -87,7 +91,7 @@ def _train(case, wrapper, rank, world):
         warnings.simplefilter("always")
         for images, targets in _batches(case):
             options = {"vit_keep_rate": dict(keep_rate=sample_keep_rate(low=0.4, high=0.9, generator=same_on_every_rank)),
-                       "vit_mass": dict(mass=0.7)}.get(case, dict(ratios=[0.25, 0.5]))
+                       "vit_mass": dict(mass=0.7), "sam_ratios": dict(ratios=0.5)}.get(case, dict(ratios=[0.25, 0.5]))
             dense_sparse_step(model, images.chunk(world)[rank], targets.chunk(world)[rank], options,
                               optimizer=optimizer, backbone=getattr(inner, "backbone", None))
     views = [str(w.message) for w in caught if "view tensor" in str(w.message)]
