@@ -242,9 +242,13 @@ def _check_eva_block(blk: nn.Module, name: str, num_prefix_tokens: int) -> None:
 
 
 # ------------------------------------------------------------------------------ SAM
+def _sam_encoder(model: nn.Module) -> nn.Module:
+    """The model itself, or the one a features_only FeatureGetterNet wraps (SAM's wrapper)."""
+    return model.model if isinstance(model, FeatureGetterNet) else model
+
+
 def _is_sam(model: nn.Module) -> bool:
-    inner = model.model if isinstance(model, FeatureGetterNet) else model
-    return isinstance(inner, timm_sam.VisionTransformerSAM)
+    return isinstance(_sam_encoder(model), timm_sam.VisionTransformerSAM)
 
 
 def sam(model: nn.Module, ratios: Union[float, Sequence[float]] = 0.0, query_pruned_global: bool = False) -> nn.Module:
@@ -267,7 +271,7 @@ def sam(model: nn.Module, ratios: Union[float, Sequence[float]] = 0.0, query_pru
     neither; qk_norm), LayerNorms, Mlp, LayerScale, no attention dropout, one window size.
     Anything else raises a TypeError or ValueError naming it, before the model is changed.
     Returns the model (the wrapper, for a features_only one)."""
-    inner = model.model if isinstance(model, FeatureGetterNet) else model
+    inner = _sam_encoder(model)
     if type(inner) not in (timm_sam.VisionTransformerSAM, SparseVisionTransformerSAM):
         raise TypeError(f"model must be timm's VisionTransformerSAM or a features_only wrapper around one, got "
                         f"{type(inner).__name__}")
@@ -423,7 +427,7 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
             raise ValueError("keep_rate and mass are for token pruning; a SAM model takes ratios")
         if ratios is None:
             raise ValueError("pass ratios")
-        inner = model.model if isinstance(model, FeatureGetterNet) else model
+        inner = _sam_encoder(model)
         for blk, r in zip(inner.blocks, _sam_ratios(inner, ratios)):
             blk.sparsity = r
         return wrapper
@@ -454,18 +458,18 @@ def set_sparsity(model: nn.Module, keep_rate: Optional[float] = None, mass: Opti
         for blk, r in zip(blocks, _per_block_ratios(stages, ratios)):
             blk.sparsity = r
         return model
-    raise TypeError(f"model must be patched by sparse_ops.patch.vit, patch.swin or patch.sam first, got {type(model).__name__}")
+    raise TypeError(f"model must be patched by sparse_ops.patch.vit, patch.swin or patch.sam first, got "
+                    f"{type(model).__name__}")
 
 
 def _is_patched_sam(model: nn.Module) -> bool:
-    inner = model.model if isinstance(model, FeatureGetterNet) else model
-    return isinstance(inner, SparseVisionTransformerSAM)
+    return isinstance(_sam_encoder(model), SparseVisionTransformerSAM)
 
 
 def window_pruned_blocks(model: nn.Module) -> list:
     """The blocks of a model patched by patch.swin or patch.sam, in the order of its ratios."""
     if _is_patched_sam(model):
-        return list((model.model if isinstance(model, FeatureGetterNet) else model).blocks)
+        return list(_sam_encoder(model).blocks)
     if _is_patched_swin(model):
         return [blk for _, stage in _swin_stages(model) for blk in stage.blocks]
     raise TypeError(f"model must be patched by sparse_ops.patch.swin or patch.sam, got {type(model).__name__}")
@@ -488,4 +492,5 @@ def _current_sparsity(model: nn.Module) -> dict:
         return dict(mass=blk.mass) if blk.mass is not None else dict(keep_rate=blk.keep_rate)
     if _is_patched_swin(model) or _is_patched_sam(model):
         return dict(ratios=[blk.sparsity for blk in window_pruned_blocks(model)])
-    raise TypeError(f"model must be patched by sparse_ops.patch.vit, patch.swin or patch.sam, got {type(model).__name__}")
+    raise TypeError(f"model must be patched by sparse_ops.patch.vit, patch.swin or patch.sam, got "
+                    f"{type(model).__name__}")

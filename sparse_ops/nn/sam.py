@@ -24,14 +24,16 @@ import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat, resample_abs_pos_embed_nhwc
 from timm.models._features import feature_take_indices
-from timm.models.vision_transformer_sam import Block, VisionTransformerSAM, get_rel_pos
+from timm.models.vision_transformer_sam import Block, VisionTransformerSAM
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import _export
 from .._backend import kernel
 from ..attention import window as _window
+from ..fused import layernorm_linear
 from ..layout import window_grid
+from ..reference import rel_pos_table
 from ..select import kept_count
 from ._common import drop_path, gather, linear, linear_scatter, norm_linear
 
@@ -78,8 +80,10 @@ class SparseSamBlock(Block):
         """x [B, H, W, C]. order: a window ranking [B, >= kept] of x's grid (the model passes
         one per run of windowed blocks), else ranked here."""
         B, H, W, C = x.shape
-        K = self.kept_windows(H, W) if self.prunes else 0
-        if B == 0 or not self.prunes or K == self.num_windows(H, W):
+        if B == 0 or not self.prunes:
+            return super().forward(x)
+        K = self.kept_windows(H, W)
+        if K == self.num_windows(H, W):
             return super().forward(x)
         windows = (self.rank_windows(x, K) if order is None else order[:, :K]).contiguous()
         ws = self.ranking_window
@@ -145,17 +149,18 @@ class SparseSamBlock(Block):
         attn = self.attn
         heads, D = attn.num_heads, attn.head_dim
         C = heads * D
-        weight, bias = attn.qkv.weight, attn.qkv.bias
-        q = norm_linear(x2d, rows, self.norm1, _Linear(weight[:C], None if bias is None else bias[:C]))
-        kv = norm_linear(x2d, None, self.norm1, _Linear(weight[C:], None if bias is None else bias[C:]))
+        weight, bias, norm = attn.qkv.weight, attn.qkv.bias, self.norm1
+        q_bias, kv_bias = (None, None) if bias is None else (bias[:C], bias[C:])
+        q = layernorm_linear(x2d, rows, norm.weight, norm.bias, norm.eps, weight[:C], q_bias)
+        kv = layernorm_linear(x2d, None, norm.weight, norm.bias, norm.eps, weight[C:], kv_bias)
         q = attn.q_norm(q.view(B, -1, heads, D).transpose(1, 2))  # [B, heads, Q, D]
         k, v = kv.view(B, H * W, 2, heads, D).permute(2, 0, 3, 1, 4).unbind(0)
         k = attn.k_norm(k)
         mask = None
         if attn.use_rel_pos:
             position = rows.clamp_min(0).view(B, -1) % (H * W)
-            Rh = get_rel_pos(H, H, attn.rel_pos_h)[position // W]  # [B, Q, H, D]: each query's row of the table
-            Rw = get_rel_pos(W, W, attn.rel_pos_w)[position % W]
+            Rh = rel_pos_table(H, attn.rel_pos_h)[position // W]  # [B, Q, H, D]: each query's row of the table
+            Rw = rel_pos_table(W, attn.rel_pos_w)[position % W]
             rel_h = torch.einsum("bhqd,bqkd->bhqk", q, Rh.to(q.dtype))
             rel_w = torch.einsum("bhqd,bqkd->bhqk", q, Rw.to(q.dtype))
             mask = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2)  # [B, heads, Q, H * W]
@@ -167,12 +172,6 @@ class SparseSamBlock(Block):
             k = apply_rot_embed_cat(k, rope).type_as(v)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         return o.transpose(1, 2).reshape(-1, C)
-
-
-class _Linear:
-    """weight and bias as the nn.Linear attributes norm_linear reads (a slice of the qkv)."""
-    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
-        self.weight, self.bias = weight, bias
 
 
 class SparseVisionTransformerSAM(VisionTransformerSAM):
